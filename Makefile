@@ -1,0 +1,37 @@
+# alloc-moe's single entry point. `make sweep` runs the main job, `make test` runs the tests; both do all
+# set-up first (a torch 2.11.0 venv outside the checkout, reused when present; the libtorch link).
+SHELL := /bin/bash
+CACHE ?= $(HOME)/.cache/alloc-moe
+VENV := $(CACHE)/venv-torch-2.11.0
+# torch-sys runs `python3` from PATH to find torch: put the venv first.
+export PATH := $(VENV)/bin:$(PATH)
+CARGO ?= cargo
+
+.PHONY: setup test sweep gpu-build bench fmt clippy
+
+setup:
+	@bash scripts/setup-env.sh
+
+## The main job: the budget sweep on the committed checkpoints (see README).
+sweep: setup
+	$(CARGO) run --release -p eval -- sweep $(ARGS)
+
+## Every test: unit, property, golden (CPU, f32). GPU-only tests are #[ignore]d.
+test: setup
+	$(CARGO) test --workspace --all-targets
+	$(CARGO) test --workspace --doc
+
+## A release build of eval for the GPU machine (keeps libtorch_cuda.so linked; see shared/GPU.md).
+gpu-build: setup
+	$(CARGO) build --release -p eval
+	mkdir -p .carry && cp target/release/eval .carry/eval
+	@readelf -d .carry/eval | grep -q libtorch_cuda.so && echo "gpu-build: .carry/eval links libtorch_cuda.so"
+
+bench: setup
+	$(CARGO) bench -p bench
+
+fmt:
+	$(CARGO) fmt --all
+
+clippy: setup
+	$(CARGO) clippy --workspace --all-targets

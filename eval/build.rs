@@ -1,0 +1,19 @@
+//! Keep libtorch_cuda.so linked into the eval binary.
+//!
+//! The linker's default `--as-needed` drops libtorch_cuda.so from a binary that calls no CUDA symbol
+//! directly, and then CUDA is silently unavailable even on a GPU machine (../shared/GPU.md). These flags
+//! apply to this crate's binaries only; global rustflags would break every build script instead.
+fn main() {
+    let libtorch = std::env::var("LIBTORCH").unwrap_or_default();
+    let has_cuda = std::path::Path::new(&libtorch).join("lib/libtorch_cuda.so").exists();
+    if has_cuda {
+        for target in ["bins"] {
+            println!("cargo:rustc-link-arg-{target}=-Wl,--no-as-needed");
+            println!("cargo:rustc-link-arg-{target}=-ltorch_cuda");
+            println!("cargo:rustc-link-arg-{target}=-Wl,--as-needed");
+        }
+    }
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    // Provenance: the git commit the binary was built from (results record it too, at run time).
+    println!("cargo:rerun-if-changed=build.rs");
+}

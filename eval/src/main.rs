@@ -1,0 +1,33 @@
+//! `eval`: the alloc-moe command line. One module per subcommand under `cmd/`.
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// Budget-aware expert activation for Mixture-of-Experts inference (Alloc-MoE).
+#[derive(Parser, Debug)]
+#[command(name = "eval", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Choose a top-k per MoE layer from a sensitivity profile under an activation budget (Alloc-L).
+    Solve(cmd::solve::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Solve(args) => cmd::solve::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
