@@ -3,6 +3,9 @@
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod plot;
+mod provenance;
+mod results;
 
 /// Budget-aware expert activation for Mixture-of-Experts inference (Alloc-MoE).
 #[derive(Parser, Debug)]
@@ -16,12 +19,15 @@ struct Cli {
 enum Command {
     /// Choose a top-k per MoE layer from a sensitivity profile under an activation budget (Alloc-L).
     Solve(cmd::solve::Args),
+    /// Regenerate figures from a results directory (reads files only; no model needed).
+    Plot(cmd::plot::Args),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Solve(args) => cmd::solve::run(args),
+        Command::Plot(args) => cmd::plot::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
