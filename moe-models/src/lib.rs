@@ -1,4 +1,67 @@
-//! Mixture-of-Experts language models on libtorch (tch), loading unmodified Hugging Face checkpoints.
+//! Mixture-of-Experts language models on libtorch (tch), loading unmodified Hugging Face checkpoints,
+//! with a routing-policy hook in every MoE layer.
+//!
+//! # Using a model (what the eval crate calls)
+//!
+//! ```no_run
+//! # fn main() -> moe_models::Result<()> {
+//! use alloc_token::device::DeviceTopK;
+//! use moe_models::{ForwardCtx, KvCache, Renormalize, RoutingTrace};
+//! use tch::{Device, Kind, Tensor};
+//!
+//! let model = moe_models::load("ckpt/DeepSeek-V2-Lite".as_ref(), Device::Cpu, Kind::Float)?;
+//! let info = model.info(); // moe_layers, n_routed_experts, native_k, vocab_size, ...
+//! let policy = DeviceTopK { k: 3 };
+//!
+//! // Prefill a padded batch, recording routing.
+//! let ids = Tensor::from_slice2(&[[1i64, 2, 3], [4, 5, 0]]);
+//! let mask = Tensor::from_slice2(&[[1i64, 1, 1], [1, 1, 0]]); // right padding (left works too)
+//! let mut trace = RoutingTrace::new();
+//! let mut ctx = ForwardCtx::new(&policy).with_mask(&mask).with_trace(&mut trace)
+//!     .with_renormalize(Renormalize::Native);
+//! let hidden = model.forward_hidden(&ids, &mut ctx)?;          // (b, t, h)
+//! let logits = model.lm_head(&hidden.narrow(1, 2, 1))?;        // (b, 1, v): only the rows you need
+//! let nll = moe_models::token_nll(&model, &ids, &mut ForwardCtx::new(&policy).with_mask(&mask), 1024)?;
+//!
+//! // Incremental decode with the (latent) KV cache.
+//! let mut cache = KvCache::new();
+//! let mut ctx = ForwardCtx::new(&policy).with_cache(&mut cache);
+//! let h = model.forward_hidden(&Tensor::from_slice2(&[[1i64, 2, 3]]), &mut ctx)?;
+//! let h = model.forward_hidden(&Tensor::from_slice2(&[[7i64]]), &mut ctx)?; // attends to 4 tokens
+//! # let _ = (info, logits, nll, h); Ok(()) }
+//! ```
+//!
+//! * [`load`] reads `config.json`, dispatches once on `model_type` and maps the safetensors (single or
+//!   sharded); every checkpoint tensor must be used. [`load_tokenizer`] reads `tokenizer.json`.
+//! * [`ForwardCtx`] carries the [`alloc_token::device::DevicePolicy`] (which experts), the padding mask,
+//!   the [`KvCache`], the [`Renormalize`] option (how chosen probabilities become mixing weights), the
+//!   [`RoutingTrace`] (f32 router probabilities and chosen ids per MoE layer), the expert [`Dispatch`]
+//!   and the MLA path.
+//! * Hidden states and the LM head are separate; [`token_nll`] chunks the head.
+//! * Padding: `mask` is `(b, t)`, 1 for real tokens; left or right padding both work (positions are
+//!   counted over real tokens only, padding keys are masked, padding tokens get no experts).
+//!
+//! # Layout
+//! `loader` (checkpoint, var-builder, tokenizer), `layers` (shared blocks: norms, rotary, MLP, MoE,
+//! attention helpers), `cache`, `ctx`, one file per family (`deepseek_v2`), `model` (the dispatching
+//! handle), `nll`. Adding a family: a file like `deepseek_v2.rs` built from `layers`, a `Model` variant
+//! and a `load` arm.
+
+pub mod cache;
+pub mod ctx;
+pub mod deepseek_v2;
+pub mod error;
+pub mod layers;
+pub mod loader;
+pub mod model;
+pub mod nll;
+
+pub use cache::KvCache;
+pub use ctx::{Dispatch, ForwardCtx, LayerRoute, MlaPath, Renormalize, RoutingTrace};
+pub use error::{Error, Result};
+pub use loader::load_tokenizer;
+pub use model::{load, Model, ModelInfo};
+pub use nll::token_nll;
 
 #[cfg(test)]
 mod tests {

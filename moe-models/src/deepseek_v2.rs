@@ -1,0 +1,581 @@
+//! DeepSeek-V2 and DeepSeek-V2-Lite (`model_type: deepseek_v2`).
+//!
+//! Mirrors transformers 5.17.0 `models/deepseek_v2/modeling_deepseek_v2.py` (eager attention), with two
+//! rules taken from DeepSeek's own `modeling_deepseek.py` where transformers departs from it:
+//! `moe_layer_freq` (transformers makes every layer from `first_k_dense_replace` on MoE) and
+//! `norm_topk_prob` (transformers ignores it). Both agree for every released V2 checkpoint
+//! (`moe_layer_freq` 1, `norm_topk_prob` false).
+//!
+//! Routing: f32 softmax over all routed experts; `group_limited_greedy` zeroes all experts outside each
+//! token's `topk_group` best groups (group score = best expert) before the policy sees the probabilities;
+//! the policy picks ids (stock: top-`num_experts_per_tok`); mixing weight = chosen probability, divided by
+//! the chosen sum iff `norm_topk_prob` (native), else times `routed_scaling_factor`; shared experts
+//! (one SwiGLU of width `n_shared_experts * moe_intermediate_size`) are added unweighted.
+//!
+//! Attention is MLA: `q = q_proj(x)` or `q_b_proj(q_a_layernorm(q_a_proj(x)))`, per head
+//! `[q_nope | q_pe]`; `kv_a_proj_with_mqa(x) = [c_kv | k_pe]`, `k_pe` one head shared by all; keys and
+//! values are `kv_b_proj(kv_a_layernorm(c_kv))` per head `[k_nope | v]`. RoPE rotates only the
+//! `qk_rope_head_dim` slice, pairing dimensions `(2i, 2i + 1)`. With YaRN, cos/sin carry
+//! `mscale(factor, mscale) / mscale(factor, mscale_all_dim)` and the softmax scale is
+//! `qk_head_dim^-0.5 * mscale(factor, mscale_all_dim)^2` (transformers 5.17.0 has this factor:
+//! `yarn_apply_mscale`). The cache holds the latent (normalised `c_kv`, roped `k_pe`); attending to
+//! cached tokens absorbs `kv_b_proj` into the query and output ([`MlaPath`]).
+//!
+//! Weight names (`model.layers.{i}.` prefix inside a layer):
+//! | checkpoint | field |
+//! |---|---|
+//! | `model.embed_tokens.weight` `(v, h)` | `Model::embed_tokens` |
+//! | `input_layernorm.weight`, `post_attention_layernorm.weight` | `DecoderLayer::{input_layernorm, post_attention_layernorm}` |
+//! | `self_attn.q_proj.weight` (q_lora_rank null) | `Attention::q_proj` |
+//! | `self_attn.{q_a_proj, q_a_layernorm, q_b_proj}.weight` (q_lora_rank set) | `Attention::{q_a_proj, q_a_layernorm, q_b_proj}` |
+//! | `self_attn.{kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj}.weight` | `Attention::*` |
+//! | `mlp.{gate,up,down}_proj.weight` (dense layers) | `Ffn::Dense` |
+//! | `mlp.gate.weight` `(e, h)` | `MoeBlock::gate` (f32) |
+//! | `mlp.experts.{j}.{gate,up,down}_proj.weight` | stacked into `Experts::{gate_up_proj, down_proj}` |
+//! | `mlp.shared_experts.{gate,up,down}_proj.weight` | `MoeBlock::shared_experts` |
+//! | `model.norm.weight`, `lm_head.weight` | `Model::{norm, lm_head}` |
+
+use serde::Deserialize;
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+use crate::cache::KvCache;
+use crate::ctx::{ForwardCtx, MlaPath};
+use crate::error::{Error, Result, TorchContext};
+use crate::layers::attention::{eager_attention, StepPlan};
+use crate::layers::mlp::Mlp;
+use crate::layers::moe::{Experts, Mixing, MixingTable, MoeBlock, TokenInfo, TopkMethod, SWIGLU_NAMES};
+use crate::layers::rotary::{yarn_mscale, RopeSpec, RopeStyle, Rotary};
+use crate::layers::{Linear, RmsNorm};
+use crate::loader::{Checkpoint, VarBuilder};
+use crate::model::ModelInfo;
+
+fn d_vocab() -> usize { 102400 }
+fn d_hidden() -> usize { 4096 }
+fn d_inter() -> usize { 11008 }
+fn d_layers() -> usize { 32 }
+fn d_heads() -> usize { 32 }
+fn d_act() -> String { "silu".into() }
+fn d_maxpos() -> usize { 2048 }
+fn d_eps() -> f64 { 1e-6 }
+fn d_kv_lora() -> usize { 512 }
+fn d_q_lora() -> Option<usize> { Some(1536) }
+fn d_routed() -> Option<usize> { Some(64) }
+fn d_shared() -> Option<usize> { Some(2) }
+fn d_nope() -> usize { 128 }
+fn d_rope() -> usize { 64 }
+fn d_v() -> usize { 128 }
+fn d_one_f() -> f64 { 1.0 }
+fn d_one() -> usize { 1 }
+fn d_greedy() -> String { "greedy".into() }
+fn d_softmax() -> String { "softmax".into() }
+fn d_moe_inter() -> usize { 1407 }
+
+/// config.json of a DeepSeek-V2 checkpoint, key by key, with transformers 5.17.0's defaults
+/// (`moe_layer_freq`, `scoring_func`, `ep_size` from DeepSeek's own config class). Keys that do not
+/// change inference (`aux_loss_alpha`, `seq_aux`, `pretraining_tp`, `initializer_range`, ...) are ignored.
+#[derive(Debug, Clone, Deserialize)]
+#[allow(missing_docs)] // fields are config.json's keys; transformers documents them
+pub struct Config {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    #[serde(default = "d_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_inter")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_maxpos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<Value>,
+    #[serde(default)]
+    pub rope_parameters: Option<Value>,
+    #[serde(default)]
+    pub rope_interleave: Option<bool>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub first_k_dense_replace: usize,
+    #[serde(default = "d_one")]
+    pub moe_layer_freq: usize,
+    #[serde(default = "d_kv_lora")]
+    pub kv_lora_rank: usize,
+    #[serde(default = "d_q_lora")]
+    pub q_lora_rank: Option<usize>,
+    #[serde(default)]
+    pub n_group: Option<usize>,
+    #[serde(default)]
+    pub topk_group: Option<usize>,
+    #[serde(default = "d_routed")]
+    pub n_routed_experts: Option<usize>,
+    #[serde(default = "d_shared")]
+    pub n_shared_experts: Option<usize>,
+    #[serde(default = "d_nope")]
+    pub qk_nope_head_dim: usize,
+    #[serde(default = "d_rope")]
+    pub qk_rope_head_dim: usize,
+    #[serde(default = "d_v")]
+    pub v_head_dim: usize,
+    #[serde(default = "d_one_f")]
+    pub routed_scaling_factor: f64,
+    #[serde(default = "d_greedy")]
+    pub topk_method: String,
+    #[serde(default = "d_softmax")]
+    pub scoring_func: String,
+    #[serde(default)]
+    pub norm_topk_prob: bool,
+    #[serde(default)]
+    pub num_experts_per_tok: Option<usize>,
+    #[serde(default = "d_moe_inter")]
+    pub moe_intermediate_size: usize,
+    #[serde(default)]
+    pub ep_size: Option<usize>,
+    #[serde(default)]
+    pub quantization_config: Option<Value>,
+    #[serde(default)]
+    pub bos_token_id: Option<i64>,
+    #[serde(default)]
+    pub eos_token_id: Option<Value>,
+}
+
+fn bad(key: &str, msg: impl Into<String>) -> Error {
+    Error::Config { key: key.into(), msg: msg.into() }
+}
+
+impl Config {
+    /// Check what we implement; every rejection names the key.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(t) = &self.model_type {
+            if t != "deepseek_v2" {
+                return Err(bad("model_type", format!("`{t}` is not deepseek_v2")));
+            }
+        }
+        if self.hidden_act != "silu" {
+            return Err(bad("hidden_act", format!("`{}` is not implemented (silu only)", self.hidden_act)));
+        }
+        if self.scoring_func != "softmax" {
+            return Err(bad("scoring_func", format!("`{}` is not implemented (softmax only)", self.scoring_func)));
+        }
+        let e = self.n_routed_experts.filter(|&e| e > 0).ok_or_else(|| bad("n_routed_experts", "must be a positive number"))?;
+        let k = self.num_experts_per_tok.ok_or_else(|| bad("num_experts_per_tok", "missing"))?;
+        if k == 0 || k > e {
+            return Err(bad("num_experts_per_tok", format!("{k} is outside 1..={e}")));
+        }
+        match self.topk_method.as_str() {
+            "greedy" => {}
+            "group_limited_greedy" => {
+                let g = self.n_group.filter(|&g| g > 0).ok_or_else(|| bad("n_group", "group_limited_greedy needs n_group"))?;
+                let tg = self.topk_group.ok_or_else(|| bad("topk_group", "group_limited_greedy needs topk_group"))?;
+                if e % g != 0 {
+                    return Err(bad("n_group", format!("{e} experts do not split into {g} groups")));
+                }
+                if tg == 0 || tg > g || tg * (e / g) < k {
+                    return Err(bad("topk_group", format!("{tg} groups of {} experts cannot hold {k} experts", e / g)));
+                }
+            }
+            other => {
+                return Err(bad("topk_method", format!("`{other}` is not implemented (greedy, group_limited_greedy)")))
+            }
+        }
+        if let Some(kv) = self.num_key_value_heads {
+            if kv != self.num_attention_heads {
+                return Err(bad("num_key_value_heads", "MLA has one latent per token; must equal num_attention_heads"));
+            }
+        }
+        if self.attention_bias {
+            return Err(bad("attention_bias", "biases in attention projections are not implemented"));
+        }
+        if self.mlp_bias {
+            return Err(bad("mlp_bias", "biases in MLPs are not implemented"));
+        }
+        if self.quantization_config.is_some() {
+            return Err(bad("quantization_config", "quantized checkpoints are not supported"));
+        }
+        if self.ep_size.is_some_and(|s| s != 1) {
+            return Err(bad("ep_size", "expert parallelism is not supported"));
+        }
+        if self.rope_interleave == Some(false) {
+            return Err(bad("rope_interleave", "DeepSeek-V2 rotates interleaved pairs; false is not implemented"));
+        }
+        if self.moe_layer_freq == 0 {
+            return Err(bad("moe_layer_freq", "must be at least 1"));
+        }
+        if self.q_lora_rank == Some(0) {
+            return Err(bad("q_lora_rank", "must be null or positive"));
+        }
+        if self.qk_rope_head_dim % 2 != 0 {
+            return Err(bad("qk_rope_head_dim", "must be even"));
+        }
+        self.rope()?;
+        Ok(())
+    }
+
+    /// The resolved rope settings.
+    pub fn rope(&self) -> Result<RopeSpec> {
+        RopeSpec::from_config(
+            self.rope_theta,
+            self.rope_scaling.as_ref(),
+            self.rope_parameters.as_ref(),
+            self.max_position_embeddings,
+        )
+    }
+
+    /// Whether layer `i` is MoE (DeepSeek's rule).
+    pub fn is_moe_layer(&self, i: usize) -> bool {
+        self.n_routed_experts.unwrap_or(0) > 0 && i >= self.first_k_dense_replace && i % self.moe_layer_freq == 0
+    }
+
+    /// `qk_nope_head_dim + qk_rope_head_dim`.
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// The attention softmax scale: `qk_head_dim^-0.5`, times `mscale(factor, mscale_all_dim)^2` under
+    /// YaRN when `mscale_all_dim` is set and non-zero.
+    pub fn softmax_scale(&self) -> Result<f64> {
+        let mut s = (self.qk_head_dim() as f64).powf(-0.5);
+        if let Some(y) = self.rope()?.yarn {
+            if let Some(m) = y.mscale_all_dim.filter(|m| *m != 0.0) {
+                let ms = yarn_mscale(y.factor, m);
+                s *= ms * ms;
+            }
+        }
+        Ok(s)
+    }
+
+    /// Mixing weights per renormalisation option. DeepSeek-V2 scales by `routed_scaling_factor` only
+    /// when it does not renormalise (`modeling_deepseek.py`: `if top_k > 1 and norm_topk_prob: w /= sum
+    /// else: w *= routed_scaling_factor`).
+    pub fn mixing(&self) -> MixingTable {
+        let k = self.num_experts_per_tok.unwrap_or(1);
+        let scaled = Mixing { renormalize: false, scale: self.routed_scaling_factor };
+        let renorm = Mixing { renormalize: true, scale: 1.0 };
+        MixingTable { native: if self.norm_topk_prob && k > 1 { renorm } else { scaled }, always: renorm, never: scaled }
+    }
+
+    fn eos_ids(&self) -> Vec<i64> {
+        match &self.eos_token_id {
+            Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
+            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_i64()).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Multi-head latent attention.
+#[derive(Debug)]
+pub struct Attention {
+    /// `(heads * qk_head_dim, h)` when `q_lora_rank` is null.
+    pub q_proj: Option<Linear>,
+    /// `(q_lora_rank, h)` when set.
+    pub q_a_proj: Option<Linear>,
+    /// `(q_lora_rank)`.
+    pub q_a_layernorm: Option<RmsNorm>,
+    /// `(heads * qk_head_dim, q_lora_rank)`.
+    pub q_b_proj: Option<Linear>,
+    /// `(kv_lora_rank + rope, h)`.
+    pub kv_a_proj_with_mqa: Linear,
+    /// `(kv_lora_rank)`.
+    pub kv_a_layernorm: RmsNorm,
+    /// `(heads * (nope + v), kv_lora_rank)`.
+    pub kv_b_proj: Linear,
+    /// `(h, heads * v)`.
+    pub o_proj: Linear,
+    /// Absorbed key part of `kv_b_proj`: `(heads, nope, kv_lora_rank)`.
+    w_uk: Tensor,
+    /// Absorbed value part of `kv_b_proj`, transposed: `(heads, kv_lora_rank, v)`.
+    w_uv_t: Tensor,
+    heads: i64,
+    nope: i64,
+    rope: i64,
+    v: i64,
+    rank: i64,
+    scale: f64,
+}
+
+impl Attention {
+    fn load(vb: &VarBuilder<'_>, c: &Config) -> Result<Self> {
+        let (h, n) = (c.hidden_size as i64, c.num_attention_heads as i64);
+        let (nope, rope, v, rank) =
+            (c.qk_nope_head_dim as i64, c.qk_rope_head_dim as i64, c.v_head_dim as i64, c.kv_lora_rank as i64);
+        let qd = n * (nope + rope);
+        let (q_proj, q_a_proj, q_a_layernorm, q_b_proj) = match c.q_lora_rank {
+            None => (Some(Linear::load(&vb.pp("q_proj"), h, qd, false)?), None, None, None),
+            Some(r) => {
+                let r = r as i64;
+                (
+                    None,
+                    Some(Linear::load(&vb.pp("q_a_proj"), h, r, false)?),
+                    Some(RmsNorm::load(&vb.pp("q_a_layernorm"), r, c.rms_norm_eps)?),
+                    Some(Linear::load(&vb.pp("q_b_proj"), r, qd, false)?),
+                )
+            }
+        };
+        let kv_b_proj = Linear::load(&vb.pp("kv_b_proj"), rank, n * (nope + v), false)?;
+        let w = kv_b_proj.weight.f_reshape([n, nope + v, rank])?;
+        let w_uk = w.f_narrow(1, 0, nope)?.f_contiguous()?;
+        let w_uv_t = w.f_narrow(1, nope, v)?.f_transpose(1, 2)?.f_contiguous()?;
+        Ok(Self {
+            q_proj,
+            q_a_proj,
+            q_a_layernorm,
+            q_b_proj,
+            kv_a_proj_with_mqa: Linear::load(&vb.pp("kv_a_proj_with_mqa"), h, rank + rope, false)?,
+            kv_a_layernorm: RmsNorm::load(&vb.pp("kv_a_layernorm"), rank, c.rms_norm_eps)?,
+            kv_b_proj,
+            o_proj: Linear::load(&vb.pp("o_proj"), n * v, h, false)?,
+            w_uk,
+            w_uv_t,
+            heads: n,
+            nope,
+            rope,
+            v,
+            rank,
+            scale: c.softmax_scale()?,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        plan: &StepPlan,
+        rotary: &Rotary,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut KvCache>,
+        path: MlaPath,
+    ) -> Result<Tensor> {
+        let _span = tracing::trace_span!("attn", layer).entered();
+        let (b, t) = (plan.b, plan.t);
+        let q = match (&self.q_proj, &self.q_a_proj, &self.q_a_layernorm, &self.q_b_proj) {
+            (Some(q_proj), ..) => q_proj.forward(x)?,
+            (None, Some(a), Some(norm), Some(bp)) => bp.forward(&norm.forward(&a.forward(x)?)?)?,
+            // INVARIANT: `load` fills either q_proj or all three q_lora projections.
+            _ => return Err(Error::Input("attention has no query projection".into())),
+        };
+        let q = q.f_reshape([b, t, self.heads, self.nope + self.rope])?.f_transpose(1, 2)?; // (b, nh, t, dq)
+        let q_nope = q.f_narrow(-1, 0, self.nope)?; // (b, nh, t, nope)
+        let q_pe = rotary.apply(&q.f_narrow(-1, self.nope, self.rope)?, cos, sin)?; // (b, nh, t, rope)
+        let ckv = self.kv_a_proj_with_mqa.forward(x)?; // (b, t, rank + rope)
+        let c_kv = self.kv_a_layernorm.forward(&ckv.f_narrow(-1, 0, self.rank)?)?; // (b, t, rank)
+        let k_pe = ckv.f_narrow(-1, self.rank, self.rope)?.f_unsqueeze(1)?; // (b, 1, t, rope)
+        let k_pe = rotary.apply(&k_pe, cos, sin)?.f_squeeze_dim(1)?; // (b, t, rope)
+        let (c_all, kpe_all) = match cache {
+            Some(cache) => cache.append(layer, &c_kv, &k_pe)?,
+            None => (c_kv, k_pe),
+        }; // (b, s, rank), (b, s, rope)
+        let s = c_all.size()[1];
+        let absorbed = match path {
+            MlaPath::Auto => plan.past > 0,
+            MlaPath::Expanded => false,
+            MlaPath::Absorbed => true,
+        };
+        let out = if absorbed {
+            let q_lat = q_nope.f_matmul(&self.w_uk)?; // (b, nh, t, rank)
+            let qf = Tensor::f_cat(&[q_lat, q_pe], -1)?; // (b, nh, t, rank + rope)
+            let kf = Tensor::f_cat(&[&c_all, &kpe_all], -1)?.f_unsqueeze(1)?; // (b, 1, s, rank + rope)
+            let vf = c_all.f_unsqueeze(1)?; // (b, 1, s, rank)
+            let o_lat = eager_attention(&qf, &kf, &vf, &plan.bias, self.scale)?; // (b, nh, t, rank)
+            o_lat.f_matmul(&self.w_uv_t)? // (b, nh, t, v)
+        } else {
+            let kv = self.kv_b_proj.forward(&c_all)?; // (b, s, nh * (nope + v))
+            let kv = kv.f_reshape([b, s, self.heads, self.nope + self.v])?.f_transpose(1, 2)?; // (b, nh, s, nope + v)
+            let k_nope = kv.f_narrow(-1, 0, self.nope)?;
+            let v = kv.f_narrow(-1, self.nope, self.v)?;
+            let k_rot = kpe_all.f_unsqueeze(1)?.f_expand([b, self.heads, s, self.rope], false)?;
+            let k = Tensor::f_cat(&[k_nope, k_rot], -1)?; // (b, nh, s, dq)
+            let qf = Tensor::f_cat(&[q_nope, q_pe], -1)?; // (b, nh, t, dq)
+            eager_attention(&qf, &k, &v, &plan.bias, self.scale)? // (b, nh, t, v)
+        };
+        let out = out.f_transpose(1, 2)?.f_reshape([b, t, self.heads * self.v])?; // (b, t, nh * v)
+        self.o_proj.forward(&out).ctx(format!("layers.{layer}.self_attn"))
+    }
+}
+
+/// A layer's feed-forward block.
+#[derive(Debug)]
+pub enum Ffn {
+    /// A dense SwiGLU MLP (the first `first_k_dense_replace` layers).
+    Dense(Mlp),
+    /// A sparse MoE block.
+    Moe(MoeBlock),
+}
+
+/// One pre-norm decoder layer.
+#[derive(Debug)]
+pub struct DecoderLayer {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// MLA.
+    pub self_attn: Attention,
+    /// Norm before the feed-forward block.
+    pub post_attention_layernorm: RmsNorm,
+    /// Dense or MoE feed-forward.
+    pub mlp: Ffn,
+}
+
+/// A loaded DeepSeek-V2 model.
+#[derive(Debug)]
+pub struct Model {
+    /// The parsed config.
+    pub config: Config,
+    /// `(v, h)`.
+    pub embed_tokens: Tensor,
+    /// The decoder layers.
+    pub layers: Vec<DecoderLayer>,
+    /// Final norm.
+    pub norm: RmsNorm,
+    /// `(v, h)`.
+    pub lm_head: Tensor,
+    rotary: Rotary,
+    info: ModelInfo,
+}
+
+impl Model {
+    /// Build from a parsed config and a mapped checkpoint; every checkpoint tensor must be consumed.
+    pub fn load(config: Config, ckpt: &Checkpoint, device: Device, kind: Kind) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let (h, v) = (c.hidden_size as i64, c.vocab_size as i64);
+        let root = VarBuilder::new(ckpt, kind, device);
+        let vb = root.pp("model");
+        let embed_tokens = vb.pp("embed_tokens").get("weight", &[v, h])?;
+        let e = c.n_routed_experts.unwrap_or(0) as i64;
+        let topk_method = match c.topk_method.as_str() {
+            "group_limited_greedy" => TopkMethod::GroupLimited {
+                n_group: c.n_group.unwrap_or(1) as i64,
+                topk_group: c.topk_group.unwrap_or(1) as i64,
+            },
+            _ => TopkMethod::Greedy,
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let lv = vb.pp("layers").pp(i);
+            let mv = lv.pp("mlp");
+            let mlp = if c.is_moe_layer(i) {
+                let mi = c.moe_intermediate_size as i64;
+                let shared = match c.n_shared_experts.unwrap_or(0) {
+                    0 => None,
+                    ns => Some(Mlp::load(&mv.pp("shared_experts"), h, mi * ns as i64)?),
+                };
+                Ffn::Moe(MoeBlock {
+                    gate: mv.pp("gate").get_kind("weight", &[e, h], Kind::Float)?,
+                    experts: Experts::load(&mv.pp("experts"), e, h, mi, SWIGLU_NAMES)?,
+                    shared_experts: shared,
+                    shared_expert_gate: None,
+                    topk_method,
+                    mixing: c.mixing(),
+                })
+            } else {
+                Ffn::Dense(Mlp::load(&mv, h, c.intermediate_size as i64)?)
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: RmsNorm::load(&lv.pp("input_layernorm"), h, c.rms_norm_eps)?,
+                self_attn: Attention::load(&lv.pp("self_attn"), c)?,
+                post_attention_layernorm: RmsNorm::load(&lv.pp("post_attention_layernorm"), h, c.rms_norm_eps)?,
+                mlp,
+            });
+        }
+        let norm = RmsNorm::load(&vb.pp("norm"), h, c.rms_norm_eps)?;
+        let lm_head = if c.tie_word_embeddings {
+            if root.contains("lm_head.weight") {
+                // Tied: transformers overwrites a stored head with the embedding; so do we.
+                let _stored = root.pp("lm_head").get("weight", &[v, h])?;
+            }
+            embed_tokens.shallow_clone()
+        } else {
+            root.pp("lm_head").get("weight", &[v, h])?
+        };
+        ckpt.finish()?;
+        let rotary = Rotary::new(&c.rope()?, c.qk_rope_head_dim, RopeStyle::Interleaved, device)?;
+        let info = ModelInfo {
+            model_type: "deepseek_v2".into(),
+            num_layers: c.num_hidden_layers,
+            moe_layers: (0..c.num_hidden_layers).filter(|&i| c.is_moe_layer(i)).collect(),
+            n_routed_experts: e as usize,
+            n_shared_experts: c.n_shared_experts.unwrap_or(0),
+            native_k: c.num_experts_per_tok.unwrap_or(0),
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            max_position_embeddings: c.max_position_embeddings,
+            bos_token_id: c.bos_token_id,
+            eos_token_ids: c.eos_ids(),
+            kv_values_per_token_per_layer: c.kv_lora_rank + c.qk_rope_head_dim,
+            kind,
+            device,
+        };
+        tracing::info!(layers = c.num_hidden_layers, experts = e, "deepseek_v2 loaded");
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, rotary, info })
+    }
+
+    /// Shape facts for callers.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Final-norm hidden states `(b, t, h)` for `(b, t)` ids; see [`crate::Model::forward_hidden`].
+    pub fn forward_hidden(&self, ids: &Tensor, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let device = self.info.device;
+        let plan = StepPlan::new(ids, ctx.mask, ctx.cache.as_deref(), device)?;
+        let ids = ids.f_to_device(device)?;
+        let mut x = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false).ctx("embed_tokens")?; // (b, t, h)
+        let (cos, sin) = self.rotary.cos_sin(&plan.positions)?; // (b, t, rope / 2)
+        let tokens = TokenInfo {
+            mask: if ctx.mask.is_some() { Some(plan.mask.f_reshape([-1])?) } else { None },
+            seq_ids: Tensor::f_arange(plan.b, (Kind::Int64, device))?
+                .f_unsqueeze(1)?
+                .f_expand([plan.b, plan.t], false)?
+                .f_reshape([-1])?,
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = layer.self_attn.forward(
+                i,
+                &layer.input_layernorm.forward(&x)?,
+                &plan,
+                &self.rotary,
+                &cos,
+                &sin,
+                ctx.cache.as_deref_mut(),
+                ctx.mla,
+            )?;
+            x = x.f_add(&a)?;
+            let hn = layer.post_attention_layernorm.forward(&x)?;
+            let f = match &layer.mlp {
+                Ffn::Dense(mlp) => mlp.forward(&hn).ctx(format!("layers.{i}.mlp"))?,
+                Ffn::Moe(moe) => moe.forward(i, &hn, &tokens, ctx)?,
+            };
+            x = x.f_add(&f)?;
+        }
+        if let Some(cache) = ctx.cache.as_deref_mut() {
+            cache.commit(plan.t as usize, plan.key_valid, plan.next_pos, plan.has_padding);
+        }
+        self.norm.forward(&x).ctx("norm")
+    }
+
+    /// Logits `(.., v)` in the model dtype for hidden states `(.., h)`.
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let _span = tracing::trace_span!("lm_head").entered();
+        hidden.f_linear(&self.lm_head, None::<&Tensor>).ctx("lm_head")
+    }
+}

@@ -1,0 +1,62 @@
+//! Building blocks shared by every family: linear layers, RMSNorm, rotary embeddings (default and YaRN,
+//! interleaved and half-split), the SwiGLU MLP, the MoE block (router, policy hook, dispatch, shared
+//! experts) and attention helpers (masks, positions, eager attention). A family file composes these and
+//! keeps only what is its own.
+
+pub mod attention;
+pub mod mlp;
+pub mod moe;
+pub mod rotary;
+
+use tch::Tensor;
+
+use crate::error::{Result, TorchContext};
+use crate::loader::VarBuilder;
+
+/// `y = x W^T (+ b)`, the checkpoint's `nn.Linear`.
+#[derive(Debug)]
+pub struct Linear {
+    /// `(out, in)`.
+    pub weight: Tensor,
+    /// `(out)`, when the checkpoint has one.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Load `weight` of shape `(out, in)` and, if `bias`, `bias` of shape `(out)`.
+    pub fn load(vb: &VarBuilder<'_>, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
+        let weight = vb.get("weight", &[out_dim, in_dim])?;
+        let bias = if bias { Some(vb.get("bias", &[out_dim])?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    /// Apply to `(.., in)`, giving `(.., out)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.f_linear(&self.weight, self.bias.as_ref()).ctx("linear")
+    }
+}
+
+/// Root-mean-square layer norm, computed in f32 and cast back before the weight, as transformers does.
+#[derive(Debug)]
+pub struct RmsNorm {
+    /// `(h)`.
+    pub weight: Tensor,
+    /// Added to the mean square.
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// Load `weight` of shape `(dim)`.
+    pub fn load(vb: &VarBuilder<'_>, dim: i64, eps: f64) -> Result<Self> {
+        Ok(Self { weight: vb.get("weight", &[dim])?, eps })
+    }
+
+    /// Normalise the last dimension of `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let kind = x.kind();
+        let x32 = x.f_to_kind(tch::Kind::Float)?;
+        let var = x32.f_square()?.f_mean_dim(-1, true, None::<tch::Kind>)?;
+        let y = x32.f_mul(&var.f_add_scalar(self.eps)?.f_rsqrt()?)?.f_to_kind(kind)?;
+        y.f_mul(&self.weight).ctx("rms_norm")
+    }
+}

@@ -1,0 +1,349 @@
+//! The MoE block: an f32 router, the routing-policy hook, the family's mixing rule, routed experts over
+//! stacked weights, and optional shared experts.
+//!
+//! Who decides what: the block computes router probabilities (softmax over all experts, f32) and, for
+//! group-limited routing, zeroes the experts of groups a token does not keep *before* the policy sees the
+//! probabilities, so every policy respects the group limit. The policy returns ids only. The block then
+//! gathers the (masked) probabilities at those ids (`-1` contributes nothing), applies the mixing rule
+//! (renormalise or not, scale) and runs the experts.
+//!
+//! Dispatch (see [`Dispatch`]): `Grouped` sorts the (token, slot) pairs by expert on the device and runs
+//! `_grouped_mm` over all experts' stacked weights `(e, 2i, h)` / `(e, h, i)` with device-computed
+//! offsets: no host synchronisation. `PerExpert` copies the ids to the host and runs one matmul pair per
+//! non-empty expert group, which is what a CPU wants for small batches.
+
+use alloc_token::device::DeviceBatch;
+use tch::{Device, Kind, Tensor};
+
+use super::mlp::Mlp;
+use super::Linear;
+use crate::ctx::{Dispatch, ForwardCtx, LayerRoute, Renormalize};
+use crate::error::{Error, Result, TorchContext};
+use crate::loader::VarBuilder;
+
+/// The routed experts' weights, stacked at load time.
+#[derive(Debug)]
+pub struct Experts {
+    /// `(e, 2i, h)`: each expert's `gate_proj` rows, then its `up_proj` rows.
+    pub gate_up_proj: Tensor,
+    /// `(e, h, i)`.
+    pub down_proj: Tensor,
+    /// Number of experts `e`.
+    pub num_experts: i64,
+}
+
+/// Checkpoint names of one expert's three projections (DeepSeek/Qwen: gate_proj, up_proj, down_proj;
+/// Mixtral: w1, w3, w2).
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertNames {
+    /// The gate projection `(i, h)`.
+    pub gate: &'static str,
+    /// The up projection `(i, h)`.
+    pub up: &'static str,
+    /// The down projection `(h, i)`.
+    pub down: &'static str,
+}
+
+/// `gate_proj` / `up_proj` / `down_proj`.
+pub const SWIGLU_NAMES: ExpertNames = ExpertNames { gate: "gate_proj", up: "up_proj", down: "down_proj" };
+
+impl Experts {
+    /// Load `e` experts from `vb` (at `...mlp.experts`): either the hub's per-expert tensors
+    /// `{j}.{gate,up,down}.weight`, stacked here, or already stacked `gate_up_proj` `(e, 2i, h)` and
+    /// `down_proj` `(e, h, i)` (transformers 5's fused layout).
+    pub fn load(vb: &VarBuilder<'_>, e: i64, h: i64, i: i64, names: ExpertNames) -> Result<Self> {
+        if vb.contains("gate_up_proj") {
+            return Ok(Self {
+                gate_up_proj: vb.get("gate_up_proj", &[e, 2 * i, h])?,
+                down_proj: vb.get("down_proj", &[e, h, i])?,
+                num_experts: e,
+            });
+        }
+        let mut gate_up = Vec::with_capacity(e as usize);
+        let mut down = Vec::with_capacity(e as usize);
+        for j in 0..e {
+            let ej = vb.pp(j);
+            let g = ej.pp(names.gate).get("weight", &[i, h])?;
+            let u = ej.pp(names.up).get("weight", &[i, h])?;
+            gate_up.push(Tensor::f_cat(&[g, u], 0)?); // (2i, h)
+            down.push(ej.pp(names.down).get("weight", &[h, i])?);
+        }
+        Ok(Self {
+            gate_up_proj: Tensor::f_stack(&gate_up, 0).ctx(vb.name("stack"))?,
+            down_proj: Tensor::f_stack(&down, 0).ctx(vb.name("stack"))?,
+            num_experts: e,
+        })
+    }
+
+    /// Mix the chosen experts: `x` `(n, h)`, `ids` `(n, w)` i64 (`-1` = none), `weights` `(n, w)` f32.
+    /// Returns `(n, h)` in `x`'s dtype.
+    pub fn forward(&self, x: &Tensor, ids: &Tensor, weights: &Tensor, dispatch: Dispatch) -> Result<Tensor> {
+        let dispatch = match dispatch {
+            Dispatch::Auto if x.device() == Device::Cpu => Dispatch::PerExpert,
+            Dispatch::Auto => Dispatch::Grouped,
+            d => d,
+        };
+        match dispatch {
+            Dispatch::PerExpert => self.forward_per_expert(x, ids, weights),
+            _ => self.forward_grouped(x, ids, weights),
+        }
+    }
+
+    fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
+        let half = gate_up.size()[1] / 2;
+        let g = gate_up.f_narrow(1, 0, half)?.f_silu()?;
+        Ok(g.f_mul(&gate_up.f_narrow(1, half, half)?)?)
+    }
+
+    fn forward_grouped(&self, x: &Tensor, ids: &Tensor, weights: &Tensor) -> Result<Tensor> {
+        let _span = tracing::trace_span!("moe.experts", path = "grouped").entered();
+        let (n, h) = (x.size()[0], x.size()[1]);
+        let w = ids.size()[1];
+        let e = self.num_experts;
+        let dev = x.device();
+        let flat = ids.f_reshape([-1])?; // (n w)
+        // Send "no expert" to a sentinel group past the last expert so the sort puts it at the tail,
+        // beyond the last offset, where grouped_mm does not compute.
+        let sentinel = Tensor::f_full([1], e, (Kind::Int64, dev))?;
+        let keyed = flat.f_where_self(&flat.f_ge(0)?, &sentinel)?;
+        let (sorted, perm) = keyed.f_sort_stable(true, 0, false)?; // (m)
+        let token = perm.f_floor_divide_scalar(w)?; // (m)
+        let valid = sorted.f_lt(e)?.f_unsqueeze(1)?; // (m, 1)
+        let counts = Tensor::f_zeros([e + 1], (Kind::Int64, dev))?.f_scatter_add(0, &sorted, &sorted.f_ones_like()?)?;
+        let offs = counts.f_narrow(0, 0, e)?.f_cumsum(0, Kind::Int)?; // (e) int32 group ends
+        let xg = x.f_index_select(0, &token)?; // (m, h)
+        let gu = xg.f_internal_grouped_mm(&self.gate_up_proj.f_transpose(1, 2)?, Some(&offs), None::<&Tensor>, None)?;
+        let zero = Tensor::f_zeros([1], (gu.kind(), dev))?;
+        let gu = gu.f_where_self(&valid, &zero)?; // rows past the last offset are uninitialised
+        let act = Self::swiglu(&gu)?; // (m, i)
+        let y = act.f_internal_grouped_mm(&self.down_proj.f_transpose(1, 2)?, Some(&offs), None::<&Tensor>, None)?;
+        let wg = weights.f_reshape([-1])?.f_index_select(0, &perm)?.f_unsqueeze(1)?; // (m, 1) f32
+        let y = y.f_to_kind(Kind::Float)?.f_mul(&wg)?;
+        let y = y.f_where_self(&valid, &Tensor::f_zeros([1], (Kind::Float, dev))?)?;
+        let out = Tensor::f_zeros([n, h], (Kind::Float, dev))?.f_index_add(0, &token, &y)?;
+        out.f_to_kind(x.kind()).ctx("moe.experts.grouped")
+    }
+
+    fn forward_per_expert(&self, x: &Tensor, ids: &Tensor, weights: &Tensor) -> Result<Tensor> {
+        let _span = tracing::trace_span!("moe.experts", path = "per_expert").entered();
+        let (n, h) = (x.size()[0], x.size()[1]);
+        let w = ids.size()[1] as usize;
+        let host_ids: Vec<i64> = Vec::<i64>::try_from(ids.f_reshape([-1])?.f_to_device(Device::Cpu)?)?;
+        let host_w: Vec<f32> =
+            Vec::<f32>::try_from(weights.f_reshape([-1])?.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?)?;
+        let e = self.num_experts as usize;
+        let mut rows: Vec<Vec<i64>> = vec![Vec::new(); e];
+        let mut mix: Vec<Vec<f32>> = vec![Vec::new(); e];
+        for (slot, &id) in host_ids.iter().enumerate() {
+            if id < 0 {
+                continue;
+            }
+            if id as usize >= e {
+                return Err(Error::Input(format!("policy chose expert {id}, but the layer has {e}")));
+            }
+            rows[id as usize].push((slot / w) as i64);
+            mix[id as usize].push(host_w[slot]);
+        }
+        let mut out = Tensor::f_zeros([n, h], (Kind::Float, x.device()))?;
+        for j in 0..e {
+            if rows[j].is_empty() {
+                continue;
+            }
+            let idx = Tensor::f_from_slice(&rows[j])?.f_to_device(x.device())?;
+            let mw = Tensor::f_from_slice(&mix[j])?.f_to_device(x.device())?.f_unsqueeze(1)?;
+            let xj = x.f_index_select(0, &idx)?; // (nj, h)
+            let gu = xj.f_linear(&self.gate_up_proj.f_get(j as i64)?, None::<&Tensor>)?; // (nj, 2i)
+            let act = Self::swiglu(&gu)?;
+            let y = act.f_linear(&self.down_proj.f_get(j as i64)?, None::<&Tensor>)?; // (nj, h)
+            let y = y.f_to_kind(Kind::Float)?.f_mul(&mw)?;
+            out = out.f_index_add(0, &idx, &y)?;
+        }
+        out.f_to_kind(x.kind()).ctx("moe.experts.per_expert")
+    }
+}
+
+/// The router's scoring and group limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopkMethod {
+    /// Every expert is a candidate.
+    Greedy,
+    /// Experts form `n_group` equal groups; a group's score is its best expert's probability; only the
+    /// `topk_group` best groups stay candidates (DeepSeek-V2's `group_limited_greedy`).
+    GroupLimited {
+        /// Number of groups.
+        n_group: i64,
+        /// Groups kept per token.
+        topk_group: i64,
+    },
+}
+
+/// Renormalise-or-not and a scale: how chosen probabilities become mixing weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mixing {
+    /// Divide by the chosen probabilities' sum (+1e-20, so a token with no experts gets zeros).
+    pub renormalize: bool,
+    /// Multiply afterwards.
+    pub scale: f64,
+}
+
+/// The family's mixing for each [`Renormalize`] option.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MixingTable {
+    /// `Renormalize::Native`.
+    pub native: Mixing,
+    /// `Renormalize::Always`.
+    pub always: Mixing,
+    /// `Renormalize::Never`.
+    pub never: Mixing,
+}
+
+impl MixingTable {
+    /// The mixing for option `r`.
+    pub fn get(&self, r: Renormalize) -> Mixing {
+        match r {
+            Renormalize::Native => self.native,
+            Renormalize::Always => self.always,
+            Renormalize::Never => self.never,
+        }
+    }
+}
+
+/// Per-token facts shared by every MoE layer of one forward pass.
+#[derive(Debug)]
+pub struct TokenInfo {
+    /// `(n)` bool, false for padding; `None`: all real.
+    pub mask: Option<Tensor>,
+    /// `(n)` i64: the batch row of each token.
+    pub seq_ids: Tensor,
+}
+
+/// A sparse MoE feed-forward block.
+#[derive(Debug)]
+pub struct MoeBlock {
+    /// Router weight `(e, h)`, kept in f32 whatever the model dtype (the checkpoint's `mlp.gate.weight`).
+    pub gate: Tensor,
+    /// Routed experts.
+    pub experts: Experts,
+    /// Always-on experts added unweighted (DeepSeek) or sigmoid-gated (Qwen2-MoE).
+    pub shared_experts: Option<Mlp>,
+    /// Per-token sigmoid gate of the shared expert `(1, h)` (Qwen2-MoE), if any.
+    pub shared_expert_gate: Option<Linear>,
+    /// Candidate restriction.
+    pub topk_method: TopkMethod,
+    /// Mixing rules.
+    pub mixing: MixingTable,
+}
+
+impl MoeBlock {
+    /// Router probabilities `(n, e)` f32 for `x` `(n, h)`, group-limited if the family routes so.
+    pub fn router_probs(&self, x: &Tensor) -> Result<Tensor> {
+        let logits = x.f_to_kind(Kind::Float)?.f_linear(&self.gate, None::<&Tensor>)?;
+        let probs = logits.f_softmax(-1, Kind::Float)?;
+        match self.topk_method {
+            TopkMethod::Greedy => Ok(probs),
+            TopkMethod::GroupLimited { n_group, topk_group } => {
+                let n = probs.size()[0];
+                let per = self.experts.num_experts / n_group;
+                let group_scores = probs.f_reshape([n, n_group, per])?.f_amax(-1, false)?; // (n, g)
+                let (_, order) = group_scores.f_sort_stable(true, -1, true)?;
+                let keep = order.f_narrow(1, 0, topk_group)?;
+                let group_mask = group_scores.f_zeros_like()?.f_scatter_value(1, &keep, 1.0)?; // (n, g)
+                let mask = group_mask.f_unsqueeze(-1)?.f_expand([n, n_group, per], false)?.f_reshape([n, -1])?;
+                probs.f_mul(&mask).ctx("moe.group_limit")
+            }
+        }
+    }
+
+    /// Route and mix `x` `(b, t, h)` at model layer `layer`; returns `(b, t, h)`.
+    pub fn forward(&self, layer: usize, x: &Tensor, tokens: &TokenInfo, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
+        let size = x.size();
+        let h = size[size.len() - 1];
+        let xf = x.f_reshape([-1, h])?; // (n, h)
+        let probs = {
+            let _span = tracing::trace_span!("moe.route", layer).entered();
+            self.router_probs(&xf).ctx(format!("layers.{layer}.mlp.gate"))?
+        };
+        let batch = DeviceBatch { probs: &probs, mask: tokens.mask.as_ref(), seq_ids: Some(&tokens.seq_ids) };
+        let ids = ctx.policy.select(layer, &batch).map_err(|source| Error::Policy { layer, source })?; // (n, w)
+        let weights = mixing_weights(&probs, &ids, ctx.renormalize, &self.mixing).ctx(format!("layers.{layer}.mlp.mixing"))?;
+        let mut out = self.experts.forward(&xf, &ids, &weights, ctx.dispatch).ctx(format!("layers.{layer}.mlp.experts"))?;
+        if let Some(shared) = &self.shared_experts {
+            let mut s = shared.forward(&xf).ctx(format!("layers.{layer}.mlp.shared_experts"))?;
+            if let Some(g) = &self.shared_expert_gate {
+                s = s.f_mul(&g.forward(&xf)?.f_sigmoid()?)?;
+            }
+            out = out.f_add(&s)?;
+        }
+        if let Some(trace) = ctx.trace.as_deref_mut() {
+            trace.layers.push(LayerRoute { layer, probs, ids, mask: tokens.mask.as_ref().map(|m| m.shallow_clone()) });
+        }
+        out.f_reshape(&size).ctx("moe")
+    }
+}
+
+/// Mixing weights `(n, w)` f32: the probabilities at the chosen ids (`-1` gives 0), renormalised or not,
+/// scaled, as the family's table says for option `r`.
+pub fn mixing_weights(probs: &Tensor, ids: &Tensor, r: Renormalize, table: &MixingTable) -> Result<Tensor> {
+    let m = table.get(r);
+    let chosen = ids.f_ge(0)?;
+    let w = probs.f_gather(1, &ids.f_clamp_min(0)?, false)?;
+    let mut w = w.f_mul(&chosen.f_to_kind(Kind::Float)?)?;
+    if m.renormalize {
+        let denom = w.f_sum_dim_intlist(-1, true, Kind::Float)?.f_add_scalar(1e-20)?;
+        w = w.f_div(&denom)?;
+    }
+    if m.scale != 1.0 {
+        w = w.f_mul_scalar(m.scale)?;
+    }
+    Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn experts(e: i64, h: i64, i: i64) -> Experts {
+        Experts {
+            gate_up_proj: Tensor::randn([e, 2 * i, h], (Kind::Float, Device::Cpu)),
+            down_proj: Tensor::randn([e, h, i], (Kind::Float, Device::Cpu)),
+            num_experts: e,
+        }
+    }
+
+    #[test]
+    fn grouped_and_per_expert_dispatch_agree_and_ignore_empty_slots() {
+        tch::manual_seed(0);
+        let ex = experts(5, 16, 8);
+        let x = Tensor::randn([4, 16], (Kind::Float, Device::Cpu));
+        let ids = Tensor::from_slice(&[3i64, 0, -1, 4, 2, 1, -1, -1, -1, 0, 1, 3]).reshape([4, 3]);
+        let w = Tensor::rand([4, 3], (Kind::Float, Device::Cpu));
+        let a = ex.forward(&x, &ids, &w, Dispatch::Grouped).expect("grouped");
+        let b = ex.forward(&x, &ids, &w, Dispatch::PerExpert).expect("per expert");
+        assert!(a.allclose(&b, 1e-5, 1e-5, false), "{a} vs {b}");
+        // Token 2 has no experts at all: exact zeros.
+        assert_eq!(a.get(2).abs().sum(Kind::Float).double_value(&[]), 0.0);
+        // A direct evaluation of token 0.
+        let mut r = Tensor::zeros([16], (Kind::Float, Device::Cpu));
+        for (slot, j) in [(0i64, 3i64), (1, 0)] {
+            let gu = ex.gate_up_proj.get(j).matmul(&x.get(0));
+            let act = gu.narrow(0, 0, 8).silu() * gu.narrow(0, 8, 8);
+            r += ex.down_proj.get(j).matmul(&act) * w.get(0).get(slot);
+        }
+        assert!(a.get(0).allclose(&r, 1e-4, 1e-4, false));
+    }
+
+    #[test]
+    fn mixing_renormalises_and_scales_as_the_table_says() {
+        let probs = Tensor::from_slice(&[0.5f32, 0.3, 0.2]).reshape([1, 3]);
+        let ids = Tensor::from_slice(&[0i64, 2, -1]).reshape([1, 3]);
+        let table = MixingTable {
+            native: Mixing { renormalize: false, scale: 2.0 },
+            always: Mixing { renormalize: true, scale: 1.0 },
+            never: Mixing { renormalize: false, scale: 2.0 },
+        };
+        let v = |r| Vec::<f32>::try_from(mixing_weights(&probs, &ids, r, &table).expect("w").reshape([-1])).expect("v");
+        assert_eq!(v(Renormalize::Native), vec![1.0, 0.4, 0.0]);
+        let a = v(Renormalize::Always);
+        assert!((a[0] - 0.5 / 0.7).abs() < 1e-6 && (a[1] - 0.2 / 0.7).abs() < 1e-6 && a[2] == 0.0);
+    }
+}

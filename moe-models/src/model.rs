@@ -1,0 +1,140 @@
+//! The family-independent model handle: loading by `model_type`, shape facts, forward, LM head,
+//! greedy generation.
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::cache::KvCache;
+use crate::ctx::ForwardCtx;
+use crate::deepseek_v2;
+use crate::error::{Error, Result, TorchContext};
+use crate::loader::{read_json, Checkpoint};
+
+/// Shape facts a caller needs (budgets, sweeps, results).
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// config.json's `model_type` (`deepseek_v2`, later `qwen2_moe`, `mixtral`).
+    pub model_type: String,
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Indices of the MoE layers, increasing (the layer index the policy receives).
+    pub moe_layers: Vec<usize>,
+    /// Routed experts per MoE layer.
+    pub n_routed_experts: usize,
+    /// Always-on shared experts per MoE layer (outside the budget).
+    pub n_shared_experts: usize,
+    /// Experts per token the model was trained with.
+    pub native_k: usize,
+    /// Vocabulary size (logit width).
+    pub vocab_size: usize,
+    /// Hidden size.
+    pub hidden_size: usize,
+    /// config.json's `max_position_embeddings`.
+    pub max_position_embeddings: usize,
+    /// Beginning-of-sequence id, if the config names one.
+    pub bos_token_id: Option<i64>,
+    /// End-of-sequence ids.
+    pub eos_token_ids: Vec<i64>,
+    /// KV-cache values per token per layer (DeepSeek-V2-Lite: 576, the latent).
+    pub kv_values_per_token_per_layer: usize,
+    /// Compute dtype.
+    pub kind: Kind,
+    /// Device.
+    pub device: Device,
+}
+
+impl ModelInfo {
+    /// Routed activations per token at native k: `native_k * moe_layers.len()` (V2-Lite: 156).
+    pub fn full_budget(&self) -> usize {
+        self.native_k * self.moe_layers.len()
+    }
+}
+
+/// A loaded model of any supported family.
+#[derive(Debug)]
+pub enum Model {
+    /// DeepSeek-V2 / V2-Lite.
+    DeepseekV2(Box<deepseek_v2::Model>),
+}
+
+/// The part of config.json that picks the family.
+#[derive(serde::Deserialize)]
+struct ModelType {
+    model_type: Option<String>,
+}
+
+/// Load the checkpoint in `dir` (config.json plus safetensors) onto `device` in `kind`, dispatching once
+/// on `model_type`.
+pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Model> {
+    let _span = tracing::info_span!("load", dir = %dir.display()).entered();
+    let config_path = dir.join("config.json");
+    let ty: ModelType = read_json(&config_path)?;
+    let ty = ty.model_type.ok_or_else(|| Error::Config { key: "model_type".into(), msg: "missing".into() })?;
+    match ty.as_str() {
+        "deepseek_v2" => {
+            let config: deepseek_v2::Config = read_json(&config_path)?;
+            config.validate()?;
+            let ckpt = Checkpoint::open(dir)?;
+            Ok(Model::DeepseekV2(Box::new(deepseek_v2::Model::load(config, &ckpt, device, kind)?)))
+        }
+        other => Err(Error::UnsupportedModel(other.to_string())),
+    }
+}
+
+impl Model {
+    /// Shape facts.
+    pub fn info(&self) -> &ModelInfo {
+        match self {
+            Model::DeepseekV2(m) => m.info(),
+        }
+    }
+
+    /// Final-norm hidden states `(b, t, h)` in the model dtype for `(b, t)` i64 ids. Uses and updates
+    /// `ctx.cache` when present (the ids are then the tokens after the cached ones), calls
+    /// `ctx.policy` in every MoE layer, records into `ctx.trace`.
+    pub fn forward_hidden(&self, ids: &Tensor, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
+        match self {
+            Model::DeepseekV2(m) => m.forward_hidden(ids, ctx),
+        }
+    }
+
+    /// Logits `(.., v)` in the model dtype for hidden states `(.., h)`. Keep the rows few (see
+    /// [`crate::nll::token_nll`]): a long sequence's full-vocabulary logits are large.
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        match self {
+            Model::DeepseekV2(m) => m.lm_head(hidden),
+        }
+    }
+
+    /// Greedy decoding of one prompt with the KV cache: returns the new token ids (stops after
+    /// `max_new_tokens` or at an end-of-sequence id). `ctx.cache` and `ctx.mask` are ignored; a fresh
+    /// cache is used.
+    pub fn generate_greedy(&self, prompt: &[i64], max_new_tokens: usize, ctx: &mut ForwardCtx<'_>) -> Result<Vec<i64>> {
+        let info = self.info();
+        let mut cache = KvCache::new();
+        let mut ctx = ForwardCtx {
+            policy: ctx.policy,
+            mask: None,
+            cache: Some(&mut cache),
+            renormalize: ctx.renormalize,
+            trace: ctx.trace.as_deref_mut(),
+            dispatch: ctx.dispatch,
+            mla: ctx.mla,
+        };
+        let mut out = Vec::with_capacity(max_new_tokens);
+        let mut ids = Tensor::f_from_slice(prompt)?.f_unsqueeze(0)?.f_to_device(info.device)?;
+        for _ in 0..max_new_tokens {
+            let h = self.forward_hidden(&ids, &mut ctx)?; // (1, t, h)
+            let last = h.f_narrow(1, h.size()[1] - 1, 1)?;
+            let next = self.lm_head(&last)?.f_to_kind(Kind::Float)?.f_argmax(-1, false)?; // (1, 1)
+            let id = next.f_int64_value(&[0, 0]).ctx("argmax")?;
+            out.push(id);
+            if info.eos_token_ids.contains(&id) {
+                break;
+            }
+            ids = next;
+        }
+        Ok(out)
+    }
+}
