@@ -37,6 +37,20 @@ impl<'a> RouterBatch<'a> {
         Ok(b)
     }
 
+    /// The same batch with a padding mask (`mask[t]` false: token t is padding), checked.
+    pub fn with_mask(self, mask: &'a [bool]) -> Result<Self> {
+        let b = Self { mask: Some(mask), ..self };
+        b.check()?;
+        Ok(b)
+    }
+
+    /// The same batch with sequence ids (`seq_ids[t]`: the sequence of token t), checked.
+    pub fn with_seq_ids(self, seq_ids: &'a [u32]) -> Result<Self> {
+        let b = Self { seq_ids: Some(seq_ids), ..self };
+        b.check()?;
+        Ok(b)
+    }
+
     /// Check shapes and values: `probs.len() == tokens * experts`, matching mask and sequence ids,
     /// every probability finite and non-negative.
     pub fn check(&self) -> Result<()> {
@@ -151,8 +165,9 @@ pub trait RoutingPolicy: Send + Sync {
 /// uses, so "a prefix of the token's sorted experts" is well defined.
 pub fn sorted_experts(row: &[f32]) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..row.len()).collect();
-    // Stable sort on descending value keeps lower indices first among equal values.
-    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+    // Stable sort on descending value keeps lower indices first among equal values. `+ 0.0` turns -0.0
+    // into +0.0, so the two zeros tie (as in libtorch's sort) instead of `total_cmp` ordering them.
+    idx.sort_by(|&a, &b| (row[b] + 0.0).total_cmp(&(row[a] + 0.0)));
     idx
 }
 
@@ -163,6 +178,11 @@ mod tests {
     #[test]
     fn sorted_experts_breaks_ties_to_lower_index() {
         assert_eq!(sorted_experts(&[0.2, 0.4, 0.2, 0.4]), vec![1, 3, 0, 2]);
+    }
+
+    #[test]
+    fn sorted_experts_treats_negative_zero_as_zero() {
+        assert_eq!(sorted_experts(&[0.0, -0.0, 0.5, 0.0]), vec![2, 0, 1, 3]);
     }
 
     #[test]
