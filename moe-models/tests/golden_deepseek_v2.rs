@@ -1,0 +1,235 @@
+//! DeepSeek-V2 against transformers 5.17.0: tiny random checkpoints and reference outputs built by
+//! `scripts/make_golden_deepseek_v2.py` (see its docstring for the cases and the reference corrections).
+//! Router ids must match exactly, f32 logits within rtol 1e-4 / atol 1e-5; cached incremental decode must
+//! equal the uncached forward.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use alloc_token::device::DeviceTopK;
+use moe_models::{deepseek_v2, Dispatch, ForwardCtx, KvCache, MlaPath, Model, Renormalize, RoutingTrace};
+use tch::{Device, Kind, Tensor};
+
+const CASES: [&str; 3] = ["lite_yarn", "v2_group_limited", "norm_topk_yarn_long"];
+const RTOL: f64 = 1e-4;
+const ATOL: f64 = 1e-5;
+
+fn dir(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deepseek_v2").join(case)
+}
+
+struct Golden {
+    model: Model,
+    config: deepseek_v2::Config,
+    t: HashMap<String, Tensor>,
+}
+
+impl Golden {
+    fn load(case: &str) -> Self {
+        let d = dir(case);
+        let model = moe_models::load(&d, Device::Cpu, Kind::Float).expect("load fixture");
+        let config: deepseek_v2::Config =
+            serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).expect("config")).expect("parse");
+        let t = Tensor::read_safetensors(d.join("golden.safetensors")).expect("golden").into_iter().collect();
+        Self { model, config, t }
+    }
+    fn get(&self, name: &str) -> &Tensor {
+        self.t.get(name).unwrap_or_else(|| panic!("golden lacks {name}"))
+    }
+    fn ids(&self) -> &Tensor {
+        self.get("input_ids")
+    }
+    fn mask(&self) -> &Tensor {
+        self.get("attention_mask")
+    }
+    fn policy(&self) -> DeviceTopK {
+        DeviceTopK { k: self.model.info().native_k }
+    }
+}
+
+/// Largest violation of `|a - b| <= atol + rtol |b|` over the real tokens, as (max abs err, ok).
+fn compare(a: &Tensor, b: &Tensor, mask: &Tensor, rtol: f64, atol: f64) -> (f64, bool) {
+    let keep = mask.ne(0).unsqueeze(-1).expand_as(b);
+    let a = a.masked_select(&keep);
+    let b = b.masked_select(&keep);
+    let err = (&a - &b).abs();
+    let excess = (&err - (b.abs() * rtol + atol)).max().double_value(&[]);
+    (err.max().double_value(&[]), excess <= 0.0)
+}
+
+fn logits(g: &Golden, ctx: &mut ForwardCtx<'_>) -> Tensor {
+    let h = g.model.forward_hidden(g.ids(), ctx).expect("forward");
+    g.model.lm_head(&h).expect("lm_head").to_kind(Kind::Float)
+}
+
+#[test]
+fn logits_match_transformers_within_rtol_1e4() {
+    for case in CASES {
+        let g = Golden::load(case);
+        let policy = g.policy();
+        let mut ctx = ForwardCtx::new(&policy).with_mask(g.mask());
+        let out = logits(&g, &mut ctx);
+        let (err, ok) = compare(&out, g.get("logits"), g.mask(), RTOL, ATOL);
+        eprintln!("{case}: max |logit error| {err:.3e}");
+        assert!(ok, "{case}: logits differ from transformers (max abs err {err:.3e})");
+    }
+}
+
+#[test]
+fn topk_policy_reproduces_hf_router_ids_exactly() {
+    for case in CASES {
+        let g = Golden::load(case);
+        let policy = g.policy();
+        let mut trace = RoutingTrace::new();
+        let mut ctx = ForwardCtx::new(&policy).with_mask(g.mask()).with_trace(&mut trace);
+        let _ = logits(&g, &mut ctx);
+        let routes = trace.take();
+        assert_eq!(routes.iter().map(|r| r.layer).collect::<Vec<_>>(), g.model.info().moe_layers, "{case}");
+        for r in routes {
+            let want = g.get(&format!("router_ids.layer{}", r.layer));
+            assert_eq!(&r.ids, want, "{case}: layer {} router ids", r.layer);
+            let (n, e) = (r.probs.size()[0], r.probs.size()[1]);
+            assert_eq!((n, e), (g.ids().numel() as i64, g.model.info().n_routed_experts as i64));
+            assert_eq!(r.probs.kind(), Kind::Float);
+        }
+    }
+}
+
+#[test]
+fn softmax_scale_carries_the_yarn_mscale_squared_factor_like_transformers() {
+    for case in CASES {
+        let g = Golden::load(case);
+        let want = g.get("softmax_scale").double_value(&[0]);
+        let got = g.config.softmax_scale().expect("scale");
+        assert!((got - want).abs() < 1e-12, "{case}: {got} vs {want}");
+        let af = g.config.rope().expect("rope").inv_freq(g.config.qk_rope_head_dim).1;
+        let want = g.get("rope_attention_factor").double_value(&[0]);
+        assert!((af - want).abs() < 1e-12, "{case}: cos/sin factor {af} vs {want}");
+    }
+    // The Lite-style case really has a non-trivial factor (mscale(40, 0.707)^2 ~ 1.59).
+    let g = Golden::load("lite_yarn");
+    let plain = (g.config.qk_head_dim() as f64).powf(-0.5);
+    assert!(g.config.softmax_scale().expect("scale") / plain > 1.5);
+}
+
+/// Prefill the first half, then decode one token at a time; every real token's logits must equal the
+/// uncached forward's.
+fn check_cached_decode(case: &str, mla: MlaPath) {
+    let g = Golden::load(case);
+    let policy = g.policy();
+    let full = logits(&g, &mut ForwardCtx::new(&policy).with_mask(g.mask()));
+    let t = g.ids().size()[1];
+    let p = t / 2;
+    let mut cache = KvCache::new();
+    let mut steps = Vec::new();
+    let mut start = 0;
+    while start < t {
+        let len = if start == 0 { p } else { 1 };
+        let ids = g.ids().narrow(1, start, len);
+        let mask = g.mask().narrow(1, start, len);
+        let mut ctx = ForwardCtx::new(&policy).with_mask(&mask).with_cache(&mut cache).with_mla(mla);
+        let h = g.model.forward_hidden(&ids, &mut ctx).expect("step");
+        steps.push(g.model.lm_head(&h).expect("head"));
+        start += len;
+    }
+    assert_eq!(cache.len() as i64, t);
+    let cached = Tensor::cat(&steps, 1);
+    let (err, ok) = compare(&cached, &full, g.mask(), RTOL, 1e-4);
+    eprintln!("{case} ({mla:?}): max |cached - uncached| {err:.3e}");
+    assert!(ok, "{case}: cached decode differs from the uncached forward ({err:.3e})");
+}
+
+#[test]
+fn cached_decode_with_absorbed_latent_attention_equals_uncached_forward() {
+    for case in CASES {
+        check_cached_decode(case, MlaPath::Auto);
+    }
+}
+
+#[test]
+fn cached_decode_with_expanded_attention_equals_uncached_forward() {
+    check_cached_decode("norm_topk_yarn_long", MlaPath::Expanded);
+}
+
+#[test]
+fn latent_cache_stores_kv_lora_rank_plus_rope_dim_per_token_per_layer() {
+    let g = Golden::load("lite_yarn");
+    let policy = g.policy();
+    let mut cache = KvCache::new();
+    let ids = g.ids().narrow(1, 0, 5);
+    let _ = g.model.forward_hidden(&ids, &mut ForwardCtx::new(&policy).with_cache(&mut cache)).expect("prefill");
+    let (c, k) = cache.layer(0).expect("layer 0 cached");
+    assert_eq!(c.size(), vec![2, 5, g.config.kv_lora_rank as i64]);
+    assert_eq!(k.size(), vec![2, 5, g.config.qk_rope_head_dim as i64]);
+    let per_token = (g.config.kv_lora_rank + g.config.qk_rope_head_dim) * g.config.num_hidden_layers;
+    assert_eq!(cache.bytes(), 2 * 5 * per_token * 4);
+    assert_eq!(g.model.info().kv_values_per_token_per_layer, g.config.kv_lora_rank + g.config.qk_rope_head_dim);
+}
+
+#[test]
+fn absorbed_and_expanded_mla_agree_on_a_full_forward() {
+    let g = Golden::load("v2_group_limited");
+    let policy = g.policy();
+    let a = logits(&g, &mut ForwardCtx::new(&policy).with_mla(MlaPath::Absorbed));
+    let b = logits(&g, &mut ForwardCtx::new(&policy).with_mla(MlaPath::Expanded));
+    assert!(a.allclose(&b, 1e-4, 1e-4, false));
+}
+
+#[test]
+fn grouped_mm_and_per_expert_dispatch_give_the_same_logits() {
+    for case in CASES {
+        let g = Golden::load(case);
+        let policy = g.policy();
+        let a = logits(&g, &mut ForwardCtx::new(&policy).with_mask(g.mask()).with_dispatch(Dispatch::Grouped));
+        let b = logits(&g, &mut ForwardCtx::new(&policy).with_mask(g.mask()).with_dispatch(Dispatch::PerExpert));
+        let (err, ok) = compare(&a, &b, g.mask(), RTOL, ATOL);
+        assert!(ok, "{case}: dispatch paths differ ({err:.3e})");
+    }
+}
+
+#[test]
+fn renormalize_option_switches_the_mixing_rule() {
+    // norm_topk_prob true: native == always; never (raw probs x 3.0) differs.
+    let g = Golden::load("norm_topk_yarn_long");
+    let policy = g.policy();
+    let run = |r| logits(&g, &mut ForwardCtx::new(&policy).with_mask(g.mask()).with_renormalize(r));
+    let native = run(Renormalize::Native);
+    assert!(native.allclose(&run(Renormalize::Always), 0.0, 0.0, false));
+    assert!(!native.allclose(&run(Renormalize::Never), 1e-3, 1e-3, false));
+    // norm_topk_prob false: native == never.
+    let g = Golden::load("v2_group_limited");
+    let policy = g.policy();
+    let run = |r| logits(&g, &mut ForwardCtx::new(&policy).with_renormalize(r));
+    assert!(run(Renormalize::Native).allclose(&run(Renormalize::Never), 0.0, 0.0, false));
+}
+
+#[test]
+fn reduced_k_policy_changes_routing_width_and_logits() {
+    let g = Golden::load("lite_yarn");
+    let k1 = DeviceTopK { k: 1 };
+    let mut trace = RoutingTrace::new();
+    let out = logits(&g, &mut ForwardCtx::new(&k1).with_mask(g.mask()).with_trace(&mut trace));
+    let routes = trace.take();
+    assert!(routes.iter().all(|r| r.ids.size()[1] == 1));
+    let (_, same) = compare(&out, g.get("logits"), g.mask(), RTOL, ATOL);
+    assert!(!same, "top-1 must change the logits");
+    // The top-1 id is the first of the native top-3.
+    let full = g.get(&format!("router_ids.layer{}", routes[0].layer)).narrow(1, 0, 1);
+    assert_eq!(routes[0].ids, full);
+}
+
+#[test]
+fn token_nll_matches_full_logits_and_masks_padding() {
+    let g = Golden::load("norm_topk_yarn_long");
+    let policy = g.policy();
+    let nll = moe_models::token_nll(&g.model, g.ids(), &mut ForwardCtx::new(&policy).with_mask(g.mask()), 7)
+        .expect("nll");
+    let lg = g.get("logits");
+    let t = lg.size()[1];
+    let lp = lg.narrow(1, 0, t - 1).log_softmax(-1, Kind::Float);
+    let want = -lp.gather(2, &g.ids().narrow(1, 1, t - 1).unsqueeze(-1), false).squeeze_dim(-1);
+    let m = g.mask();
+    let pair = m.narrow(1, 0, t - 1).ne(0).logical_and(&m.narrow(1, 1, t - 1).ne(0));
+    let want = want * pair.to_kind(Kind::Float);
+    assert!(nll.allclose(&want, 1e-4, 1e-4, false), "{nll} vs {want}");
+}
