@@ -43,7 +43,7 @@ impl TopP {
         Self { p, min_k, max_k }
     }
 
-    fn check(&self, layer: usize, experts: usize) -> Result<()> {
+    pub(crate) fn check(&self, layer: usize, experts: usize) -> Result<()> {
         if !(self.p > 0.0 && self.p <= 1.0) {
             return Err(invalid("topp", layer, format!("p = {} is outside (0, 1]", self.p)));
         }
