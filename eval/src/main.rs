@@ -21,6 +21,10 @@ enum Command {
     Solve(cmd::solve::Args),
     /// Regenerate figures from a results directory (reads files only; no model needed).
     Plot(cmd::plot::Args),
+    /// Write a checkpoint's logits and per-layer router ids for given token ids (safetensors).
+    Logits(cmd::logits::Args),
+    /// Greedy generation with the KV cache, for a human check of a checkpoint.
+    Generate(cmd::generate::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -28,6 +32,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Solve(args) => cmd::solve::run(args),
         Command::Plot(args) => cmd::plot::run(args),
+        Command::Logits(args) => cmd::logits::run(args),
+        Command::Generate(args) => cmd::generate::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,4 +1,6 @@
 //! The error type of moe-models: every failure names the file, tensor, config key or step it concerns.
+//! Underlying causes (I/O, JSON, libtorch, policy) are reachable through `source()`, not repeated in
+//! the message, so `anyhow`'s `{:#}` prints each cause once.
 
 use std::path::PathBuf;
 
@@ -9,7 +11,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file could not be opened, mapped or read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -18,7 +20,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A JSON file (config.json, the shard index) does not parse.
-    #[error("cannot parse {path}: {source}")]
+    #[error("cannot parse {path}")]
     Json {
         /// The file.
         path: PathBuf,
@@ -86,7 +88,7 @@ pub enum Error {
         msg: String,
     },
     /// A libtorch operation failed (shape, device, out of memory).
-    #[error("libtorch error in {op}: {source}")]
+    #[error("libtorch error in {op}")]
     Torch {
         /// Which step (e.g. `layers.3.self_attn`).
         op: String,
@@ -95,7 +97,7 @@ pub enum Error {
         source: tch::TchError,
     },
     /// The routing policy failed.
-    #[error("routing policy failed at layer {layer}: {source}")]
+    #[error("routing policy failed at layer {layer}")]
     Policy {
         /// The model's layer index.
         layer: usize,

@@ -56,6 +56,9 @@ pub mod loader;
 pub mod model;
 pub mod nll;
 
+/// The tch (libtorch) version the models are built with, for callers without their own `tch` dependency.
+pub use tch;
+
 pub use cache::KvCache;
 pub use ctx::{Dispatch, ForwardCtx, LayerRoute, MlaPath, Renormalize, RoutingTrace};
 pub use error::{Error, Result};

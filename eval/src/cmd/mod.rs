@@ -1,4 +1,6 @@
 //! One module per subcommand.
 
+pub mod generate;
+pub mod logits;
 pub mod plot;
 pub mod solve;
