@@ -21,6 +21,8 @@ enum Command {
     Solve(cmd::solve::Args),
     /// Regenerate figures from a results directory (reads files only; no model needed).
     Plot(cmd::plot::Args),
+    /// Choose experts for one layer's router probabilities with a token-level policy (Alloc-T, top-k, ...).
+    Route(cmd::route::Args),
     /// Write a checkpoint's logits and per-layer router ids for given token ids (safetensors).
     Logits(cmd::logits::Args),
     /// Greedy generation with the KV cache, for a human check of a checkpoint.
@@ -32,6 +34,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Solve(args) => cmd::solve::run(args),
         Command::Plot(args) => cmd::plot::run(args),
+        Command::Route(args) => cmd::route::run(args),
         Command::Logits(args) => cmd::logits::run(args),
         Command::Generate(args) => cmd::generate::run(args),
     };

@@ -3,4 +3,5 @@
 pub mod generate;
 pub mod logits;
 pub mod plot;
+pub mod route;
 pub mod solve;
