@@ -8,10 +8,12 @@ Families (transformers 5.17.0 classes, saved with save_pretrained as stock Huggi
   mixtral      MixtralForCausalLM: 8 experts top-2 (renormalised), GQA
 
 Load balancing: Qwen2-MoE and Mixtral use their own `output_router_logits=True` auxiliary loss
-(transformers' `load_balancing_loss_func`, Switch-Transformer form) times --aux-coef. transformers 5.17's
-DeepseekV2ForCausalLM has no auxiliary loss at all, so for it the router logits are captured with forward
-hooks on `DeepseekV2TopkRouter` and the same function is applied (the DeepSeek-V2 paper's expert-level
-balance loss has the same form up to a constant). The coefficient is recorded in summary.json.
+(transformers' `load_balancing_loss_func`, Switch-Transformer form) times --aux-coef. Note that this function
+pools all layers' counts and probabilities per expert index, so it balances an expert index's total over the
+layers, not each layer. transformers 5.17's DeepseekV2ForCausalLM has no auxiliary loss at all, so for it the
+router logits are captured with forward hooks on `DeepseekV2TopkRouter` and DeepSeek-V2's own expert-level
+balance loss is applied, per MoE layer and summed over layers (`deepseek_balance_loss`; --aux-form pooled
+applies transformers' pooled function instead). The coefficient and form are recorded in summary.json.
 
 Training: bf16 autocast on CUDA (f32 master weights), AdamW (betas 0.9/0.95, weight decay 0.1 on matrices),
 linear warm-up then cosine decay to 10% of the peak, gradient clipping 1.0, batches of random windows of the
@@ -233,6 +235,20 @@ def archive(src_dir: Path, dest: Path):
 
 # ---------------------------------------------------------------------------------------------------
 
+def deepseek_balance_loss(logits_per_layer, n_experts: int, top_k: int) -> torch.Tensor:
+    """DeepSeek-V2's expert-level balance loss, sum over MoE layers of sum_i f_i * P_i, where
+    f_i = E / (K T) * (tokens choosing expert i) and P_i = mean router probability of expert i over the T
+    tokens of the batch. 1.0 per layer when balanced."""
+    total = 0.0
+    for logits in logits_per_layer:
+        p = logits.float().softmax(-1)  # (T, E)
+        idx = p.topk(top_k, dim=-1).indices.reshape(-1)
+        counts = torch.zeros(n_experts, device=p.device).scatter_add_(0, idx, torch.ones_like(idx, dtype=p.dtype))
+        f = counts * n_experts / (top_k * p.shape[0])
+        total = total + (f * p.mean(0)).sum()
+    return total
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -255,6 +271,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--aux-coef", type=float, default=0.01)
+    ap.add_argument("--aux-form", choices=["per-layer", "pooled"], default="per-layer",
+                    help="DeepSeek-V2 only: its own per-layer balance loss, or transformers' pooled function")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-windows", type=int, default=128)
     ap.add_argument("--full-val-windows", type=int, default=0, help="limit the final full-split score (dry runs)")
@@ -329,7 +347,12 @@ def main() -> int:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if args.family == "deepseek_v2":
                 out = model(input_ids=x, use_cache=False)
-                aux = load_balancing_loss_func(tuple(router_logits), n_experts, top_k) if with_aux else None
+                if not with_aux:
+                    aux = None
+                elif args.aux_form == "per-layer":
+                    aux = deepseek_balance_loss(router_logits, n_experts, top_k)
+                else:
+                    aux = load_balancing_loss_func(tuple(router_logits), n_experts, top_k)
             else:
                 out = model(input_ids=x, use_cache=False, output_router_logits=with_aux)
                 aux = out.aux_loss if with_aux else None
@@ -429,6 +452,8 @@ def main() -> int:
         "tokens_seen": step * args.batch * args.seq, "tokens_seen_at_best": best_step * args.batch * args.seq,
         "train_tokens_available": int(train.numel()), "epochs_at_best": best_step * args.batch * args.seq / train.numel(),
         "lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay, "aux_coef": args.aux_coef,
+        "aux_form": ("deepseek per-layer expert-level" if args.aux_form == "per-layer" else "transformers pooled")
+        if args.family == "deepseek_v2" else "transformers pooled (output_router_logits)",
         "seed": args.seed, "train_seconds": round(train_s, 1), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "experts_implementation_in_training": model.config._experts_implementation,
         "best_val_loss_fixed_windows": best_val,
