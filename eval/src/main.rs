@@ -27,6 +27,8 @@ enum Command {
     Logits(cmd::logits::Args),
     /// Greedy generation with the KV cache, for a human check of a checkpoint.
     Generate(cmd::generate::Args),
+    /// Prefill and decode throughput (a checkpoint, or random weights at a config's shapes).
+    Speed(cmd::speed::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -37,6 +39,7 @@ fn main() -> std::process::ExitCode {
         Command::Route(args) => cmd::route::run(args),
         Command::Logits(args) => cmd::logits::run(args),
         Command::Generate(args) => cmd::generate::run(args),
+        Command::Speed(args) => cmd::speed::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -34,7 +34,8 @@ impl std::str::FromStr for Renormalize {
 /// How routed experts are evaluated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Dispatch {
-    /// `Grouped` on CUDA, `PerExpert` on CPU (measured faster there; see `layers::moe`).
+    /// `Grouped` on CUDA in bf16; `PerExpert` otherwise (on the CPU the two measured alike, see
+    /// `examples/dispatch_cpu.rs`).
     #[default]
     Auto,
     /// Sort (token, expert) pairs by expert and run `_grouped_mm` over the stacked expert weights: no

@@ -37,7 +37,7 @@
 
 use serde::Deserialize;
 use serde_json::Value;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::cache::KvCache;
 use crate::ctx::{ForwardCtx, MlaPath};
@@ -47,7 +47,7 @@ use crate::layers::mlp::Mlp;
 use crate::layers::moe::{Experts, Mixing, MixingTable, MoeBlock, TokenInfo, TopkMethod, SWIGLU_NAMES};
 use crate::layers::rotary::{yarn_mscale, RopeSpec, RopeStyle, Rotary};
 use crate::layers::{Linear, RmsNorm};
-use crate::loader::{Checkpoint, VarBuilder};
+use crate::loader::VarBuilder;
 use crate::model::ModelInfo;
 
 fn d_vocab() -> usize { 102400 }
@@ -451,12 +451,13 @@ pub struct Model {
 }
 
 impl Model {
-    /// Build from a parsed config and a mapped checkpoint; every checkpoint tensor must be consumed.
-    pub fn load(config: Config, ckpt: &Checkpoint, device: Device, kind: Kind) -> Result<Self> {
+    /// Build from a parsed config and a var-builder at the checkpoint root; every checkpoint tensor
+    /// must be consumed.
+    pub fn load(config: Config, root: &VarBuilder<'_>) -> Result<Self> {
         config.validate()?;
         let c = &config;
         let (h, v) = (c.hidden_size as i64, c.vocab_size as i64);
-        let root = VarBuilder::new(ckpt, kind, device);
+        let (kind, device) = (root.kind(), root.device());
         let vb = root.pp("model");
         let embed_tokens = vb.pp("embed_tokens").get("weight", &[v, h])?;
         let e = c.n_routed_experts.unwrap_or(0) as i64;
@@ -505,7 +506,7 @@ impl Model {
         } else {
             root.pp("lm_head").get("weight", &[v, h])?
         };
-        ckpt.finish()?;
+        root.finish()?;
         let rotary = Rotary::new(&c.rope()?, c.qk_rope_head_dim, RopeStyle::Interleaved, device)?;
         let info = ModelInfo {
             model_type: "deepseek_v2".into(),
@@ -577,5 +578,52 @@ impl Model {
         let _guard = tch::no_grad_guard();
         let _span = tracing::trace_span!("lm_head").entered();
         hidden.f_linear(&self.lm_head, None::<&Tensor>).ctx("lm_head")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lite() -> Config {
+        serde_json::from_str(include_str!("../configs/deepseek_v2_lite.json")).expect("lite config")
+    }
+
+    #[test]
+    fn lite_config_validates_with_26_moe_layers_and_budget_156() {
+        let c = lite();
+        c.validate().expect("valid");
+        let moe: Vec<usize> = (0..c.num_hidden_layers).filter(|&i| c.is_moe_layer(i)).collect();
+        assert_eq!(moe, (1..27).collect::<Vec<_>>());
+        assert_eq!(moe.len() * c.num_experts_per_tok.unwrap_or(0), 156);
+        assert_eq!(c.kv_lora_rank + c.qk_rope_head_dim, 576);
+    }
+
+    #[test]
+    fn lite_softmax_scale_is_mscale_squared_over_sqrt_192() {
+        let s = lite().softmax_scale().expect("scale");
+        let m = 0.1 * 0.707 * 40f64.ln() + 1.0;
+        assert!((s - m * m / 192f64.sqrt()).abs() < 1e-12);
+        assert!((s - 0.114721).abs() < 1e-5, "{s}");
+    }
+
+    #[test]
+    fn moe_layer_freq_follows_deepseek_rule() {
+        let mut c = lite();
+        c.moe_layer_freq = 2;
+        c.first_k_dense_replace = 1;
+        let moe: Vec<usize> = (0..6).filter(|&i| c.is_moe_layer(i)).collect();
+        assert_eq!(moe, vec![2, 4]);
+    }
+
+    #[test]
+    fn native_mixing_renormalises_without_scaling_only_when_norm_topk_prob() {
+        let mut c = lite();
+        c.routed_scaling_factor = 16.0;
+        assert_eq!(c.mixing().native, Mixing { renormalize: false, scale: 16.0 });
+        c.norm_topk_prob = true;
+        assert_eq!(c.mixing().native, Mixing { renormalize: true, scale: 1.0 });
+        c.num_experts_per_tok = Some(1);
+        assert_eq!(c.mixing().native, Mixing { renormalize: false, scale: 16.0 });
     }
 }

@@ -63,7 +63,7 @@ pub use cache::KvCache;
 pub use ctx::{Dispatch, ForwardCtx, LayerRoute, MlaPath, Renormalize, RoutingTrace};
 pub use error::{Error, Result};
 pub use loader::load_tokenizer;
-pub use model::{load, Model, ModelInfo};
+pub use model::{load, load_random, Model, ModelInfo};
 pub use nll::token_nll;
 
 #[cfg(test)]

@@ -220,11 +220,22 @@ impl Checkpoint {
     }
 }
 
+/// Where a [`VarBuilder`] gets its tensors.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// A mapped checkpoint.
+    Checkpoint(&'a Checkpoint),
+    /// Fresh random tensors (speed measurements at real shapes without a checkpoint): norms are ones,
+    /// everything else normal with this standard deviation. It claims to hold every name, so fused
+    /// layouts (stacked experts) are chosen.
+    Random { std: f64 },
+}
+
 /// Hands out checkpoint tensors under a name prefix, cast to the model's dtype and on its device.
 /// Prefixes are spelled like the module fields: `vb.pp("model").pp("layers").pp(3).pp("mlp")`.
 #[derive(Clone)]
 pub struct VarBuilder<'a> {
-    ckpt: &'a Checkpoint,
+    source: Source<'a>,
     prefix: String,
     kind: Kind,
     device: Device,
@@ -239,7 +250,21 @@ impl std::fmt::Debug for VarBuilder<'_> {
 impl<'a> VarBuilder<'a> {
     /// A builder at the checkpoint root producing `kind` tensors on `device`.
     pub fn new(ckpt: &'a Checkpoint, kind: Kind, device: Device) -> Self {
-        Self { ckpt, prefix: String::new(), kind, device }
+        Self { source: Source::Checkpoint(ckpt), prefix: String::new(), kind, device }
+    }
+
+    /// A builder producing random tensors (norm weights ones, others `N(0, std^2)`) instead of reading
+    /// a checkpoint: real shapes for speed measurements. Seed with `tch::manual_seed`.
+    pub fn random(std: f64, kind: Kind, device: Device) -> VarBuilder<'static> {
+        VarBuilder { source: Source::Random { std }, prefix: String::new(), kind, device }
+    }
+
+    /// Succeed only if every checkpoint tensor has been consumed (always true for a random source).
+    pub fn finish(&self) -> Result<()> {
+        match self.source {
+            Source::Checkpoint(c) => c.finish(),
+            Source::Random { .. } => Ok(()),
+        }
     }
 
     /// Descend into a sub-module (`pp` as in "push prefix").
@@ -270,17 +295,31 @@ impl<'a> VarBuilder<'a> {
 
     /// Whether the checkpoint holds `leaf` under this prefix.
     pub fn contains(&self, leaf: &str) -> bool {
-        self.ckpt.contains(&self.name(leaf))
+        match self.source {
+            Source::Checkpoint(c) => c.contains(&self.name(leaf)),
+            Source::Random { .. } => true,
+        }
     }
 
     /// Load `leaf` in the model dtype, checking its shape.
     pub fn get(&self, leaf: &str, shape: &[i64]) -> Result<Tensor> {
-        self.ckpt.load(&self.name(leaf), shape, self.kind, self.device)
+        self.get_kind(leaf, shape, self.kind)
     }
 
     /// Load `leaf` in a given dtype (router weights are kept in f32), checking its shape.
     pub fn get_kind(&self, leaf: &str, shape: &[i64], kind: Kind) -> Result<Tensor> {
-        self.ckpt.load(&self.name(leaf), shape, kind, self.device)
+        match self.source {
+            Source::Checkpoint(c) => c.load(&self.name(leaf), shape, kind, self.device),
+            Source::Random { std } => {
+                let name = self.name(leaf);
+                let t = if shape.len() == 1 && name.ends_with("norm.weight") {
+                    Tensor::f_ones(shape, (kind, self.device))
+                } else {
+                    Tensor::f_randn(shape, (kind, self.device)).and_then(|t| t.f_mul_scalar(std))
+                };
+                t.ctx(format!("random `{name}`"))
+            }
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use crate::cache::KvCache;
 use crate::ctx::ForwardCtx;
 use crate::deepseek_v2;
 use crate::error::{Error, Result, TorchContext};
-use crate::loader::{read_json, Checkpoint};
+use crate::loader::{read_json, Checkpoint, VarBuilder};
 
 /// Shape facts a caller needs (budgets, sweeps, results).
 #[derive(Debug, Clone)]
@@ -76,7 +76,25 @@ pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Model> {
             let config: deepseek_v2::Config = read_json(&config_path)?;
             config.validate()?;
             let ckpt = Checkpoint::open(dir)?;
-            Ok(Model::DeepseekV2(Box::new(deepseek_v2::Model::load(config, &ckpt, device, kind)?)))
+            let root = VarBuilder::new(&ckpt, kind, device);
+            Ok(Model::DeepseekV2(Box::new(deepseek_v2::Model::load(config, &root)?)))
+        }
+        other => Err(Error::UnsupportedModel(other.to_string())),
+    }
+}
+
+/// Build a model with random weights from a config.json alone (norms one, other weights
+/// `N(0, std^2)`, seeded): real shapes for speed measurements without a checkpoint, e.g. DeepSeek-V2-Lite
+/// in bf16 on a GPU.
+pub fn load_random(config_path: &Path, device: Device, kind: Kind, std: f64, seed: i64) -> Result<Model> {
+    let ty: ModelType = read_json(config_path)?;
+    let ty = ty.model_type.ok_or_else(|| Error::Config { key: "model_type".into(), msg: "missing".into() })?;
+    tch::manual_seed(seed);
+    let root = VarBuilder::random(std, kind, device);
+    match ty.as_str() {
+        "deepseek_v2" => {
+            let config: deepseek_v2::Config = read_json(config_path)?;
+            Ok(Model::DeepseekV2(Box::new(deepseek_v2::Model::load(config, &root)?)))
         }
         other => Err(Error::UnsupportedModel(other.to_string())),
     }

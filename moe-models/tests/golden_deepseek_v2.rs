@@ -233,3 +233,13 @@ fn token_nll_matches_full_logits_and_masks_padding() {
     let want = want * pair.to_kind(Kind::Float);
     assert!(nll.allclose(&want, 1e-4, 1e-4, false), "{nll} vs {want}");
 }
+
+#[test]
+fn random_weights_build_at_the_config_shapes_and_run() {
+    let cfg = dir("v2_group_limited").join("config.json");
+    let m = moe_models::load_random(&cfg, Device::Cpu, Kind::Float, 0.02, 0).expect("random model");
+    assert_eq!(m.info().moe_layers, vec![2, 3]);
+    let policy = DeviceTopK { k: 4 };
+    let h = m.forward_hidden(&Tensor::from_slice2(&[[3i64, 4, 5]]), &mut ForwardCtx::new(&policy)).expect("fwd");
+    assert_eq!(h.size(), vec![1, 3, 32]);
+}

@@ -5,3 +5,4 @@ pub mod logits;
 pub mod plot;
 pub mod route;
 pub mod solve;
+pub mod speed;

@@ -78,9 +78,10 @@ impl Experts {
     /// Mix the chosen experts: `x` `(n, h)`, `ids` `(n, w)` i64 (`-1` = none), `weights` `(n, w)` f32.
     /// Returns `(n, h)` in `x`'s dtype.
     pub fn forward(&self, x: &Tensor, ids: &Tensor, weights: &Tensor, dispatch: Dispatch) -> Result<Tensor> {
+        // On CUDA, `_grouped_mm` is the bf16 kernel; other dtypes take the per-expert path there.
         let dispatch = match dispatch {
-            Dispatch::Auto if x.device() == Device::Cpu => Dispatch::PerExpert,
-            Dispatch::Auto => Dispatch::Grouped,
+            Dispatch::Auto if x.device().is_cuda() && x.kind() == Kind::BFloat16 => Dispatch::Grouped,
+            Dispatch::Auto => Dispatch::PerExpert,
             d => d,
         };
         match dispatch {
