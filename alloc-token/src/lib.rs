@@ -21,6 +21,7 @@
 
 pub mod accounting;
 pub mod alloc_t;
+pub mod batch;
 mod common;
 pub mod nucleus;
 pub mod per_layer;
@@ -33,6 +34,7 @@ pub mod topk;
 pub mod device;
 
 pub use alloc_t::{pairs_for, AllocT, LayerBudget, Scope, Score};
+pub use batch::router_batch;
 pub use nucleus::TopP;
 pub use per_layer::PerLayerTopK;
 pub use random::RandomK;
