@@ -27,7 +27,7 @@ fn main() {
         let x = Tensor::randn([n, h], (Kind::Float, Device::Cpu));
         let probs = Tensor::rand([n, e], (Kind::Float, Device::Cpu));
         let (w, ids) = probs.topk(k, -1, true, true);
-        let mut med = |d: Dispatch| {
+        let med = |d: Dispatch| {
             let mut t: Vec<f64> = (0..15)
                 .map(|_| {
                     let s = Instant::now();

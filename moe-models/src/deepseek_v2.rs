@@ -220,7 +220,7 @@ impl Config {
         if self.q_lora_rank == Some(0) {
             return Err(bad("q_lora_rank", "must be null or positive"));
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if self.qk_rope_head_dim & 1 == 1 {
             return Err(bad("qk_rope_head_dim", "must be even"));
         }
         self.rope()?;
@@ -239,7 +239,7 @@ impl Config {
 
     /// Whether layer `i` is MoE (DeepSeek's rule).
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        self.n_routed_experts.unwrap_or(0) > 0 && i >= self.first_k_dense_replace && i % self.moe_layer_freq == 0
+        self.n_routed_experts.unwrap_or(0) > 0 && i >= self.first_k_dense_replace && i.checked_rem(self.moe_layer_freq) == Some(0)
     }
 
     /// `qk_nope_head_dim + qk_rope_head_dim`.

@@ -243,3 +243,14 @@ fn random_weights_build_at_the_config_shapes_and_run() {
     let h = m.forward_hidden(&Tensor::from_slice2(&[[3i64, 4, 5]]), &mut ForwardCtx::new(&policy)).expect("fwd");
     assert_eq!(h.size(), vec![1, 3, 32]);
 }
+
+#[test]
+fn fixture_tokenizer_round_trips_text() {
+    let tok = moe_models::load_tokenizer(&dir("lite_yarn")).expect("tokenizer.json");
+    let enc = tok.encode("Hi there", false).expect("encode");
+    assert_eq!(enc.get_ids().len(), 8, "character level");
+    assert!(enc.get_ids().iter().all(|&i| (i as usize) < 96));
+    assert_eq!(tok.decode(enc.get_ids(), false).expect("decode"), "Hi there");
+    let e = moe_models::load_tokenizer(&dir("v2_group_limited")).expect_err("no tokenizer.json there");
+    assert!(e.to_string().contains("tokenizer.json"), "{e}");
+}

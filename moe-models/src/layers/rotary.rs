@@ -185,7 +185,7 @@ pub struct Rotary {
 impl Rotary {
     /// Build for rotary dimension `dim` (even).
     pub fn new(spec: &RopeSpec, dim: usize, style: RopeStyle, device: Device) -> Result<Self> {
-        if dim % 2 != 0 {
+        if dim & 1 == 1 {
             return Err(Error::Config { key: "rope dim".into(), msg: format!("rotary dimension {dim} is odd") });
         }
         let (inv, attention_factor) = spec.inv_freq(dim);
