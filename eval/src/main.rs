@@ -3,9 +3,14 @@
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod methods;
 mod plot;
+mod profiling;
 mod provenance;
 mod results;
+mod scorer;
+mod spec;
+mod tasks;
 
 /// Budget-aware expert activation for Mixture-of-Experts inference (Alloc-MoE).
 #[derive(Parser, Debug)]
@@ -23,6 +28,8 @@ enum Command {
     Plot(cmd::plot::Args),
     /// Choose experts for one layer's router probabilities with a token-level policy (Alloc-T, top-k, ...).
     Route(cmd::route::Args),
+    /// The main job: methods x budgets x tasks, with results, figures and a summary table.
+    Sweep(cmd::sweep::Args),
     /// Write a checkpoint's logits and per-layer router ids for given token ids (safetensors).
     Logits(cmd::logits::Args),
     /// Greedy generation with the KV cache, for a human check of a checkpoint.
@@ -37,6 +44,7 @@ fn main() -> std::process::ExitCode {
         Command::Solve(args) => cmd::solve::run(args),
         Command::Plot(args) => cmd::plot::run(args),
         Command::Route(args) => cmd::route::run(args),
+        Command::Sweep(args) => cmd::sweep::run(args),
         Command::Logits(args) => cmd::logits::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Speed(args) => cmd::speed::run(args),

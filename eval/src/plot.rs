@@ -216,7 +216,10 @@ fn draw_heatmap<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, profile: &Sens
         .draw()
         .map_err(err)?;
     let vals: Vec<f64> = profile.layers.iter().flat_map(|l| l.delta.iter().copied()).filter(|d| *d > 0.0).collect();
-    let lo = vals.iter().copied().fold(f64::INFINITY, f64::min).max(1e-6);
+    // Colours on a log scale over the positive deltas; zero or negative deltas (noise, or k = K) take the
+    // bottom colour. Without any positive delta the scale is an arbitrary decade.
+    let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
+    let lo = if lo.is_finite() { lo.max(1e-9) } else { 1e-6 };
     let hi = vals.iter().copied().fold(0.0f64, f64::max).max(lo * 10.0);
     let scale = |d: f64| if d <= 0.0 { 0.0 } else { ((d.max(lo).ln() - lo.ln()) / (hi.ln() - lo.ln())).clamp(0.0, 1.0) };
     for (row, lp) in profile.layers.iter().enumerate() {
@@ -413,4 +416,39 @@ pub fn quality_vs_speed(records: &[&Record], metric: &str, speed: &str, y_label:
             (model, task, chart)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use alloc_core::{LayerProfile, SCHEMA_VERSION};
+
+    use super::*;
+
+    #[test]
+    fn heatmap_of_a_profile_without_positive_deltas_renders() {
+        let p = SensitivityProfile {
+            schema_version: SCHEMA_VERSION,
+            model: "flat".into(),
+            metric: "delta_nll".into(),
+            full_k: 2,
+            layers: vec![LayerProfile { layer: 1, k: vec![1, 2], delta: vec![-0.1, 0.0] }],
+            calibration: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let files = save_heatmap(&dir.path().join("h"), &p).unwrap();
+        assert_eq!(files.len(), 2);
+    }
+
+    #[test]
+    fn a_chart_with_one_flat_series_renders() {
+        let chart = LineChart {
+            title: "flat".into(),
+            x_label: "x".into(),
+            y_label: "y".into(),
+            series: vec![Series { label: "uniform".into(), points: vec![(0.5, 3.0), (0.6, 3.0)] }],
+            reference: Some(("full".into(), 3.0)),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(save_line_chart(&dir.path().join("c"), &chart).unwrap().len(), 2);
+    }
 }

@@ -123,6 +123,7 @@ impl ResultsFile {
     }
 
     /// All records, in the order written.
+    #[cfg(test)]
     pub fn records(&self) -> &[Record] {
         &self.records
     }

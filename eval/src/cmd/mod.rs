@@ -6,3 +6,4 @@ pub mod plot;
 pub mod route;
 pub mod solve;
 pub mod speed;
+pub mod sweep;

@@ -1,0 +1,305 @@
+//! The methods a sweep compares, and how each turns an activation budget into a routing policy.
+//!
+//! | method | policy at budget B (activations per token over L MoE layers) |
+//! |---|---|
+//! | `full` | native top-K everywhere (the reference; budget 1.0 only) |
+//! | `uniform` | top-k per layer from Alloc-L's uniform baseline (B/L each, remainder to the first layers) |
+//! | `alloc-l` | top-k per layer from the exact DP on the sensitivity profile |
+//! | `alloc-t` | Alloc-T with K_l = B/L in every layer (token redistribution only) |
+//! | `alloc-l+t` | Alloc-T with K_l from the DP allocation (the paper's method) |
+//! | `random-l` | top-k per layer from a seeded random allocation (ablation) |
+//! | `greedy-l` | top-k per layer from the greedy marginal-gain allocation |
+//! | `top-p` | nucleus routing, p calibrated so the replayed full-model trace uses B |
+//! | `threshold` | probability threshold tau, calibrated likewise |
+//! | `skip` | NAEE-style skip (drop p_j < beta p_top1), beta calibrated likewise |
+//!
+//! Calibrated methods are tuned offline on the full model's recorded router probabilities (host
+//! reference policies, replayed across layers in parallel); their *realized* activations are measured
+//! in the actual run and recorded, since later layers see different inputs once earlier layers change.
+
+use alloc_core::routing::{RouterBatch, RoutingPolicy};
+use alloc_core::LayerAllocation;
+use alloc_layer::baselines::{greedy, random, uniform};
+use alloc_layer::{solve_dp, Problem, Solution};
+use alloc_token::device::DevicePolicy;
+use alloc_token::{AllocT, PerLayerTopK, Skip, Threshold, TopK, TopP};
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+
+/// A method name from the table above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Method {
+    /// Native top-K.
+    Full,
+    /// Uniform per-layer k.
+    Uniform,
+    /// Alloc-L (DP).
+    AllocL,
+    /// Alloc-T at uniform K_l.
+    AllocT,
+    /// Alloc-L+T.
+    AllocLT,
+    /// Random per-layer allocation.
+    RandomL,
+    /// Greedy per-layer allocation.
+    GreedyL,
+    /// Calibrated top-p.
+    TopP,
+    /// Calibrated threshold.
+    Threshold,
+    /// Calibrated NAEE-style skip.
+    Skip,
+}
+
+impl Method {
+    /// Every method, in plotting order.
+    pub const ALL: [Method; 10] = [
+        Method::Full,
+        Method::Uniform,
+        Method::AllocL,
+        Method::AllocT,
+        Method::AllocLT,
+        Method::RandomL,
+        Method::GreedyL,
+        Method::TopP,
+        Method::Threshold,
+        Method::Skip,
+    ];
+
+    /// The name used on the command line and in results.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Full => "full",
+            Method::Uniform => "uniform",
+            Method::AllocL => "alloc-l",
+            Method::AllocT => "alloc-t",
+            Method::AllocLT => "alloc-l+t",
+            Method::RandomL => "random-l",
+            Method::GreedyL => "greedy-l",
+            Method::TopP => "top-p",
+            Method::Threshold => "threshold",
+            Method::Skip => "skip",
+        }
+    }
+
+    /// Whether the method needs a sensitivity profile.
+    pub fn needs_profile(self) -> bool {
+        matches!(self, Method::AllocL | Method::AllocLT | Method::GreedyL)
+    }
+
+    /// Whether the method is tuned on the recorded full-model routing.
+    pub fn needs_calibration_trace(self) -> bool {
+        matches!(self, Method::TopP | Method::Threshold | Method::Skip)
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Method::ALL.into_iter().find(|m| m.as_str() == s).with_context(|| {
+            let names: Vec<&str> = Method::ALL.iter().map(|m| m.as_str()).collect();
+            format!("unknown method {s:?}; known methods: {}", names.join(", "))
+        })
+    }
+}
+
+/// Facts about the model a method needs.
+#[derive(Debug, Clone)]
+pub struct ModelShape {
+    /// MoE layer indices.
+    pub moe_layers: Vec<usize>,
+    /// Native experts per token.
+    pub native_k: usize,
+    /// Routed experts per layer.
+    pub experts: usize,
+}
+
+impl ModelShape {
+    /// Native k times the number of MoE layers.
+    pub fn full_budget(&self) -> u32 {
+        (self.native_k * self.moe_layers.len()) as u32
+    }
+}
+
+/// One layer's recorded router probabilities on the host: row-major `[tokens, experts]`.
+#[derive(Debug, Clone)]
+pub struct HostRoute {
+    /// The model's layer index.
+    pub layer: usize,
+    /// Probabilities.
+    pub probs: Vec<f32>,
+    /// Tokens.
+    pub tokens: usize,
+}
+
+/// A built policy and what the sweep records about it.
+pub struct Built {
+    /// The routing policy to run.
+    pub policy: Box<dyn DevicePolicy>,
+    /// k (or mean K_l) per MoE layer, if the method has a per-layer allocation.
+    pub allocation: Option<Vec<f64>>,
+    /// The profile's predicted loss for the allocation.
+    pub predicted_delta: Option<f64>,
+    /// Method parameters (calibrated p / tau / beta, seeds), recorded with the result.
+    pub params: serde_json::Value,
+}
+
+/// Build `method`'s policy at `budget` total activations per token.
+pub fn build(
+    method: Method,
+    budget: u32,
+    shape: &ModelShape,
+    problem: Option<&Problem>,
+    trace: Option<&[HostRoute]>,
+    seed: u64,
+) -> Result<Built> {
+    let k = shape.native_k;
+    let layers = shape.moe_layers.clone();
+    let per_layer = |sol: Solution| -> Result<Built> {
+        let alloc = sol.allocation.clone();
+        Ok(Built {
+            allocation: Some(alloc.k.iter().map(|&k| f64::from(k)).collect()),
+            predicted_delta: Some(sol.predicted_delta),
+            params: serde_json::json!({"k_per_layer": alloc.k}),
+            policy: Box::new(PerLayerTopK::new(alloc)),
+        })
+    };
+    let need_problem = || problem.context("this method needs a sensitivity profile");
+    let uniform_problem = || -> Result<Problem> {
+        // A flat profile (zero deltas, k = 0..=K) lets the baseline allocators run without a profile.
+        let flat = alloc_core::SensitivityProfile {
+            schema_version: alloc_core::SCHEMA_VERSION,
+            model: "flat".into(),
+            metric: "none".into(),
+            full_k: k as u32,
+            layers: layers
+                .iter()
+                .map(|&l| alloc_core::LayerProfile { layer: l, k: (1..=k as u32).collect(), delta: vec![0.0; k] })
+                .collect(),
+            calibration: None,
+        };
+        Ok(Problem::from_profile(&flat, alloc_layer::KBounds::default())?)
+    };
+    let predicted = |alloc: &LayerAllocation| -> Option<f64> {
+        problem.and_then(|p| {
+            p.layers
+                .iter()
+                .zip(&alloc.k)
+                .map(|(lc, &k)| lc.k.iter().position(|&x| x == k).map(|i| lc.delta[i]))
+                .sum::<Option<f64>>()
+        })
+    };
+    Ok(match method {
+        Method::Full => Built {
+            policy: Box::new(TopK::new(k)),
+            allocation: Some(vec![k as f64; layers.len()]),
+            predicted_delta: Some(0.0),
+            params: serde_json::json!({"k": k}),
+        },
+        Method::Uniform => {
+            let mut b = per_layer(uniform(&uniform_problem()?, budget)?)?;
+            b.predicted_delta = predicted(&LayerAllocation::new(layers.clone(), b.allocation.as_ref().map(|a| a.iter().map(|&x| x as u32).collect()).unwrap_or_default())?);
+            b
+        }
+        Method::AllocL => per_layer(solve_dp(need_problem()?, budget)?)?,
+        Method::GreedyL => per_layer(greedy(need_problem()?, budget)?)?,
+        Method::RandomL => {
+            let mut b = per_layer(random(&uniform_problem()?, budget, seed)?)?;
+            b.predicted_delta = predicted(&LayerAllocation::new(layers.clone(), b.allocation.as_ref().map(|a| a.iter().map(|&x| x as u32).collect()).unwrap_or_default())?);
+            b
+        }
+        Method::AllocT => {
+            let k_avg = f64::from(budget) / layers.len() as f64;
+            if k_avg < 1.0 {
+                bail!("alloc-t needs at least one expert per token per layer (floor 1); budget {budget} gives {k_avg:.3}");
+            }
+            Built {
+                policy: Box::new(AllocT::new(k_avg.min(k as f64), k)),
+                allocation: Some(vec![k_avg.min(k as f64); layers.len()]),
+                predicted_delta: None,
+                params: serde_json::json!({"k_avg": k_avg, "floor": 1, "cap": k}),
+            }
+        }
+        Method::AllocLT => {
+            let sol = solve_dp(need_problem()?, budget)?;
+            Built {
+                allocation: Some(sol.allocation.k.iter().map(|&k| f64::from(k)).collect()),
+                predicted_delta: Some(sol.predicted_delta),
+                params: serde_json::json!({"k_per_layer": sol.allocation.k, "floor": 1, "cap": k}),
+                policy: Box::new(AllocT::from_allocation(sol.allocation, k)),
+            }
+        }
+        Method::TopP | Method::Threshold | Method::Skip => {
+            let trace = trace.context("calibrated methods need the full model's recorded routing")?;
+            let target = f64::from(budget);
+            let (param, realized) = calibrate(method, trace, shape, target)?;
+            let policy: Box<dyn DevicePolicy> = make_calibrated(method, param, k);
+            Built {
+                policy,
+                allocation: None,
+                predicted_delta: None,
+                params: serde_json::json!({"param": param, "replayed_activations_per_token": realized}),
+            }
+        }
+    })
+}
+
+fn make_calibrated(method: Method, param: f64, k: usize) -> Box<dyn DevicePolicy> {
+    match method {
+        Method::TopP => Box::new(TopP::new(param, 1, k)),
+        Method::Threshold => Box::new(Threshold::new(param as f32, 1, k)),
+        _ => Box::new(Skip::new(param as f32, k)),
+    }
+}
+
+fn make_host(method: Method, param: f64, k: usize) -> Box<dyn RoutingPolicy> {
+    match method {
+        Method::TopP => Box::new(TopP::new(param, 1, k)),
+        Method::Threshold => Box::new(Threshold::new(param as f32, 1, k)),
+        _ => Box::new(Skip::new(param as f32, k)),
+    }
+}
+
+/// Mean routed activations per token summed over layers when `policy` replays `trace` (host reference,
+/// layers in parallel).
+pub fn replay_activations(policy: &dyn RoutingPolicy, trace: &[HostRoute], experts: usize) -> Result<f64> {
+    let per_layer: Vec<f64> = trace
+        .par_iter()
+        .map(|r| -> Result<f64> {
+            let batch = RouterBatch::new(&r.probs, r.tokens, experts)?;
+            let sel = policy.select(r.layer, &batch)?;
+            Ok(sel.total() as f64 / r.tokens.max(1) as f64)
+        })
+        .collect::<Result<_>>()?;
+    Ok(per_layer.iter().sum())
+}
+
+/// Bisect the method's parameter in [0, 1] so the replayed activations per token come closest to
+/// `target` (top-p: more mass = more experts; threshold and skip: a higher cut = fewer experts).
+fn calibrate(method: Method, trace: &[HostRoute], shape: &ModelShape, target: f64) -> Result<(f64, f64)> {
+    let increasing = method == Method::TopP;
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    let eval = |p: f64| replay_activations(make_host(method, p, shape.native_k).as_ref(), trace, shape.experts);
+    // Prefer the parameter whose activations come closest to the target without exceeding it; fall
+    // back to the closest overall when nothing fits.
+    let mut under: Option<(f64, f64)> = None;
+    let mut closest = (0.0f64, f64::INFINITY, 0.0f64);
+    for _ in 0..30 {
+        let mid = 0.5 * (lo + hi);
+        let acts = eval(mid)?;
+        if acts <= target + 1e-9 && under.is_none_or(|(_, a)| acts > a) {
+            under = Some((mid, acts));
+        }
+        if (acts - target).abs() < closest.1 {
+            closest = (mid, (acts - target).abs(), acts);
+        }
+        let too_many = acts > target;
+        if too_many == increasing {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    let best = under.map_or((closest.0, f64::NAN, closest.2), |(p, a)| (p, 0.0, a));
+    Ok((best.0, best.2))
+}

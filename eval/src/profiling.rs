@@ -1,0 +1,112 @@
+//! Alloc-L's sensitivity profile measured on calibration text, and the full model's recorded routing.
+//!
+//! For each MoE layer l and each k, only layer l runs top-k (every other layer at the native K) and the
+//! increase in mean NLL over the full model is recorded. k = K is the full model itself (delta 0 by
+//! definition; no pass is spent on it). Finished layers are saved after each layer, so an interrupted
+//! profile resumes where it stopped.
+
+use alloc_core::{Calibration, LayerAllocation, LayerProfile, SensitivityProfile, SCHEMA_VERSION};
+use alloc_token::device::DevicePolicy;
+use alloc_token::{PerLayerTopK, TopK};
+use anyhow::{Context, Result};
+use moe_models::{ForwardCtx, RoutingTrace};
+use tch::{Kind, Tensor};
+
+use crate::methods::{HostRoute, ModelShape};
+use crate::scorer::Scorer;
+
+/// Inputs of a profiling run.
+pub struct ProfileJob<'a> {
+    /// Model name recorded in the profile.
+    pub model: String,
+    /// The scorer (model + settings).
+    pub scorer: &'a Scorer<'a>,
+    /// Model facts.
+    pub shape: &'a ModelShape,
+    /// Calibration sequences.
+    pub calib: &'a [Vec<i64>],
+    /// k values to profile (K itself is always included with delta 0).
+    pub k_values: Vec<u32>,
+    /// Provenance of the calibration text.
+    pub calibration: Calibration,
+}
+
+/// Measure the profile. `partial` holds layers finished by an earlier, interrupted run (kept as is);
+/// `save` is called with the profile so far after every layer; `tick` after every forward pass.
+pub fn measure_profile(
+    job: &ProfileJob<'_>,
+    partial: Option<SensitivityProfile>,
+    mut save: impl FnMut(&SensitivityProfile) -> Result<()>,
+    mut tick: impl FnMut(),
+) -> Result<SensitivityProfile> {
+    let native = job.shape.native_k as u32;
+    let reference = job.scorer.text_nll(&TopK::new(job.shape.native_k), job.calib, None)?.mean();
+    tick();
+    let mut calibration = job.calibration.clone();
+    calibration.reference_nll = Some(reference);
+    let mut profile = SensitivityProfile {
+        schema_version: SCHEMA_VERSION,
+        model: job.model.clone(),
+        metric: "delta_nll".into(),
+        full_k: native,
+        layers: Vec::new(),
+        calibration: Some(calibration),
+    };
+    let mut ks: Vec<u32> = job.k_values.iter().copied().filter(|&k| k < native).collect();
+    ks.sort_unstable();
+    ks.dedup();
+    for &layer in &job.shape.moe_layers {
+        if let Some(done) = partial.as_ref().and_then(|p| p.layers.iter().find(|l| l.layer == layer)) {
+            profile.layers.push(done.clone());
+            for _ in &ks {
+                tick();
+            }
+            continue;
+        }
+        let mut k_list = Vec::new();
+        let mut delta = Vec::new();
+        for &k in &ks {
+            let alloc_k: Vec<u32> = job.shape.moe_layers.iter().map(|&l| if l == layer { k } else { native }).collect();
+            let policy = PerLayerTopK::new(LayerAllocation::new(job.shape.moe_layers.clone(), alloc_k)?);
+            let nll = job.scorer.text_nll(&policy, job.calib, None).with_context(|| format!("profiling layer {layer} at k = {k}"))?;
+            k_list.push(k);
+            delta.push(nll.mean() - reference);
+            tick();
+        }
+        k_list.push(native);
+        delta.push(0.0);
+        profile.layers.push(LayerProfile { layer, k: k_list, delta });
+        save(&profile)?;
+    }
+    profile.validate()?;
+    Ok(profile)
+}
+
+/// Run the full model on the calibration sequences and copy every MoE layer's router probabilities to
+/// the host (concatenated over batches), for offline replay of calibrated methods.
+pub fn record_host_trace(scorer: &Scorer<'_>, shape: &ModelShape, calib: &[Vec<i64>]) -> Result<Vec<HostRoute>> {
+    let _guard = tch::no_grad_guard();
+    let policy = TopK::new(shape.native_k);
+    let mut out: Vec<HostRoute> =
+        shape.moe_layers.iter().map(|&layer| HostRoute { layer, probs: Vec::new(), tokens: 0 }).collect();
+    let Some(len) = calib.first().map(Vec::len) else { return Ok(out) };
+    let rows = (scorer.batch_tokens / len.max(1)).max(1);
+    for chunk in calib.chunks(rows) {
+        let flat: Vec<i64> = chunk.iter().flatten().copied().collect();
+        let ids = Tensor::f_from_slice(&flat)?.f_reshape([chunk.len() as i64, len as i64])?.f_to_device(scorer.model.info().device)?;
+        let mut trace = RoutingTrace::new();
+        {
+            let mut ctx = ForwardCtx::new(&policy as &dyn DevicePolicy).with_trace(&mut trace).with_renormalize(scorer.renormalize);
+            let _hidden = scorer.model.forward_hidden(&ids, &mut ctx)?;
+        }
+        for r in trace.take() {
+            let Some(slot) = out.iter_mut().find(|h| h.layer == r.layer) else { continue };
+            let probs = r.probs.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
+            let n = probs.size()[0] as usize;
+            let v: Vec<f32> = Vec::<f32>::try_from(probs.f_reshape([-1])?).context("router probabilities to host")?;
+            slot.probs.extend_from_slice(&v);
+            slot.tokens += n;
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,228 @@
+//! Scoring text with a model under a routing policy: token NLL of long text in chunks, and
+//! log-likelihoods of (context, continuation) requests, batched and padded. Realized activations are
+//! accumulated on the device from the routing trace and read back once per call.
+
+use alloc_token::device::DevicePolicy;
+use anyhow::{Context, Result};
+use moe_models::{ForwardCtx, Model, Renormalize, RoutingTrace};
+use tch::{Device, Kind, Tensor};
+
+/// Per-layer realized activation counters, kept on the device until [`ActivationMeter::finish`].
+#[derive(Debug)]
+pub struct ActivationMeter {
+    layers: Vec<usize>,
+    experts: i64,
+    /// Per layer: (activations, valid tokens, unique experts summed over batches, batches).
+    sums: Vec<Option<(Tensor, Tensor, Tensor)>>,
+    batches: u64,
+}
+
+/// What a meter measured: per MoE layer, mean experts per token and mean distinct experts per batch.
+#[derive(Debug, Clone, Default)]
+pub struct Realized {
+    /// Mean routed experts per valid token, per MoE layer.
+    pub per_layer: Vec<f64>,
+    /// Mean distinct experts touched per batch, per MoE layer.
+    pub unique_per_layer: Vec<f64>,
+}
+
+impl Realized {
+    /// Mean routed activations per token summed over layers.
+    pub fn per_token_total(&self) -> f64 {
+        self.per_layer.iter().sum()
+    }
+}
+
+impl ActivationMeter {
+    /// A meter for the model's MoE layers.
+    pub fn new(moe_layers: &[usize], experts: usize) -> Self {
+        Self { layers: moe_layers.to_vec(), experts: experts as i64, sums: moe_layers.iter().map(|_| None).collect(), batches: 0 }
+    }
+
+    /// Add one forward pass's routing (drains the trace).
+    pub fn add(&mut self, trace: &mut RoutingTrace) -> Result<()> {
+        let routes = trace.take();
+        if routes.is_empty() {
+            return Ok(());
+        }
+        self.batches += 1;
+        for r in routes {
+            let Some(i) = self.layers.iter().position(|&l| l == r.layer) else { continue };
+            let chosen = r.ids.f_ge(0)?; // (n, w) bool
+            let valid = match &r.mask {
+                Some(m) => m.f_to_kind(Kind::Int64)?,
+                None => Tensor::f_ones([r.ids.size()[0]], (Kind::Int64, r.ids.device()))?,
+            };
+            let acts = chosen.f_sum(Kind::Int64)?;
+            let toks = valid.f_sum(Kind::Int64)?;
+            // Distinct experts touched: one-hot over experts (ids of -1 are clamped to 0 and masked out).
+            let safe = r.ids.f_clamp_min(0)?;
+            let hits = Tensor::f_zeros([self.experts], (Kind::Int64, r.ids.device()))?
+                .f_index_add(0, &safe.f_reshape([-1])?, &chosen.f_to_kind(Kind::Int64)?.f_reshape([-1])?)?;
+            let unique = hits.f_gt(0)?.f_sum(Kind::Int64)?;
+            self.sums[i] = Some(match self.sums[i].take() {
+                None => (acts, toks, unique),
+                Some((a, t, u)) => (a.f_add(&acts)?, t.f_add(&toks)?, u.f_add(&unique)?),
+            });
+        }
+        Ok(())
+    }
+
+    /// Read the counters back (one host synchronisation).
+    pub fn finish(&self) -> Result<Realized> {
+        let mut out = Realized::default();
+        for s in &self.sums {
+            match s {
+                None => {
+                    out.per_layer.push(0.0);
+                    out.unique_per_layer.push(0.0);
+                }
+                Some((a, t, u)) => {
+                    let (a, t, u) = (a.f_int64_value(&[])?, t.f_int64_value(&[])?, u.f_int64_value(&[])?);
+                    out.per_layer.push(if t > 0 { a as f64 / t as f64 } else { 0.0 });
+                    out.unique_per_layer.push(u as f64 / self.batches.max(1) as f64);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A model plus the settings every scoring call shares.
+pub struct Scorer<'m> {
+    /// The model.
+    pub model: &'m Model,
+    /// How chosen probabilities become mixing weights.
+    pub renormalize: Renormalize,
+    /// Most tokens per forward pass (batch rows x padded length).
+    pub batch_tokens: usize,
+    /// Rows per chunk of the vocabulary projection.
+    pub head_chunk: usize,
+}
+
+/// Summed NLL over scored tokens.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NllSum {
+    /// Sum of per-token negative log-likelihoods (nats).
+    pub nll: f64,
+    /// Number of scored tokens.
+    pub tokens: u64,
+}
+
+impl NllSum {
+    /// Mean NLL per token.
+    pub fn mean(&self) -> f64 {
+        self.nll / self.tokens.max(1) as f64
+    }
+}
+
+impl<'m> Scorer<'m> {
+    fn device(&self) -> Device {
+        self.model.info().device
+    }
+
+    /// Mean-NLL over equal-length sequences (each scored on its tokens 1..), batched.
+    pub fn text_nll(&self, policy: &dyn DevicePolicy, seqs: &[Vec<i64>], meter: Option<&mut ActivationMeter>) -> Result<NllSum> {
+        let _guard = tch::no_grad_guard();
+        let mut meter = meter;
+        let mut total = NllSum::default();
+        let Some(len) = seqs.first().map(Vec::len) else { return Ok(total) };
+        let rows = (self.batch_tokens / len.max(1)).max(1);
+        for chunk in seqs.chunks(rows) {
+            let flat: Vec<i64> = chunk.iter().flatten().copied().collect();
+            let ids = Tensor::f_from_slice(&flat)?.f_reshape([chunk.len() as i64, len as i64])?.f_to_device(self.device())?;
+            let mut trace = RoutingTrace::new();
+            let nll = {
+                let mut ctx = ForwardCtx::new(policy).with_renormalize(self.renormalize);
+                if meter.is_some() {
+                    ctx = ctx.with_trace(&mut trace);
+                }
+                moe_models::token_nll(self.model, &ids, &mut ctx, self.head_chunk).context("forward pass")?
+            };
+            if let Some(m) = meter.as_deref_mut() {
+                m.add(&mut trace)?;
+            }
+            let s = nll.f_sum(Kind::Double)?.f_double_value(&[])?;
+            if !s.is_finite() {
+                anyhow::bail!("the loss is {s} (not finite) under policy {}", policy.name());
+            }
+            total.nll += s;
+            total.tokens += (chunk.len() * (len - 1)) as u64;
+        }
+        Ok(total)
+    }
+
+    /// For each (context, continuation) pair: the summed log-probability of the continuation and
+    /// whether every continuation token is the greedy (argmax) prediction. Inputs longer than the
+    /// model's context are truncated from the left. Requests are sorted by length and right-padded.
+    pub fn loglikelihood(
+        &self,
+        policy: &dyn DevicePolicy,
+        requests: &[(Vec<i64>, Vec<i64>)],
+        mut meter: Option<&mut ActivationMeter>,
+    ) -> Result<Vec<(f64, bool)>> {
+        let _guard = tch::no_grad_guard();
+        let max_len = self.model.info().max_position_embeddings.max(2);
+        // Build (tokens, number of continuation tokens) with left truncation.
+        let items: Vec<(Vec<i64>, usize)> = requests
+            .iter()
+            .map(|(ctx, cont)| {
+                let mut all: Vec<i64> = ctx.iter().chain(cont.iter()).copied().collect();
+                let n = cont.len().min(max_len - 1).max(1);
+                if all.len() > max_len {
+                    all.drain(..all.len() - max_len);
+                }
+                (all, n)
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(items[i].0.len()));
+        let mut out = vec![(0.0, false); items.len()];
+        let mut start = 0;
+        while start < order.len() {
+            let longest = items[order[start]].0.len();
+            let rows = (self.batch_tokens / longest.max(1)).max(1);
+            let batch: Vec<usize> = order[start..(start + rows).min(order.len())].to_vec();
+            start += batch.len();
+            let mut flat = Vec::with_capacity(batch.len() * longest);
+            let mut mask = Vec::with_capacity(batch.len() * longest);
+            for &i in &batch {
+                let toks = &items[i].0;
+                flat.extend_from_slice(toks);
+                flat.extend(std::iter::repeat_n(0, longest - toks.len()));
+                mask.extend(std::iter::repeat_n(1i64, toks.len()));
+                mask.extend(std::iter::repeat_n(0i64, longest - toks.len()));
+            }
+            let shape = [batch.len() as i64, longest as i64];
+            let ids = Tensor::f_from_slice(&flat)?.f_reshape(shape)?.f_to_device(self.device())?;
+            let mask_t = Tensor::f_from_slice(&mask)?.f_reshape(shape)?.f_to_device(self.device())?;
+            let mut trace = RoutingTrace::new();
+            let hidden = {
+                let mut ctx = ForwardCtx::new(policy).with_mask(&mask_t).with_renormalize(self.renormalize);
+                if meter.is_some() {
+                    ctx = ctx.with_trace(&mut trace);
+                }
+                self.model.forward_hidden(&ids, &mut ctx).context("forward pass")?
+            };
+            if let Some(m) = meter.as_deref_mut() {
+                m.add(&mut trace)?;
+            }
+            // Score only the continuation rows of each request.
+            for (row, &i) in batch.iter().enumerate() {
+                let (toks, n) = (&items[i].0, items[i].1);
+                let len = toks.len() as i64;
+                let first = len - n as i64; // first continuation position
+                let h = hidden.f_get(row as i64)?.f_narrow(0, first - 1, n as i64)?; // (n, h)
+                let logp = self.model.lm_head(&h)?.f_to_kind(Kind::Float)?.f_log_softmax(-1, Kind::Float)?;
+                let tgt = Tensor::f_from_slice(&toks[first as usize..])?.f_to_device(self.device())?.f_unsqueeze(1)?;
+                let picked = logp.f_gather(1, &tgt, false)?.f_sum(Kind::Double)?.f_double_value(&[])?;
+                let greedy = logp.f_argmax(-1, false)?.f_eq_tensor(&tgt.f_squeeze_dim(1)?)?.f_all()?.f_int64_value(&[])? != 0;
+                if !picked.is_finite() {
+                    anyhow::bail!("log-likelihood is {picked} (not finite) under policy {}", policy.name());
+                }
+                out[i] = (picked, greedy);
+            }
+        }
+        Ok(out)
+    }
+}
