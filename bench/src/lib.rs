@@ -25,3 +25,22 @@ pub fn synthetic_profile(layers: usize, k_values: u32) -> SensitivityProfile {
         calibration: None,
     }
 }
+
+/// Deterministic softmax router probabilities, row-major `[tokens, experts]`: logits from a fixed
+/// integer hash scaled so rows range from peaked to flat (as real routers do).
+pub fn synthetic_router_probs(tokens: usize, experts: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(tokens * experts);
+    for t in 0..tokens {
+        let temperature = 0.5 + (t % 7) as f32 * 0.5;
+        let logits: Vec<f32> = (0..experts)
+            .map(|e| {
+                let h = (t as u64 * 2_654_435_761 + e as u64 * 40_503).wrapping_mul(0x9e37_79b9) >> 40;
+                (h % 1000) as f32 / 1000.0 * 4.0 / temperature
+            })
+            .collect();
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+        out.extend(logits.iter().map(|l| (l - max).exp() / z));
+    }
+    out
+}
