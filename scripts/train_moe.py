@@ -271,8 +271,10 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--aux-coef", type=float, default=0.01)
-    ap.add_argument("--aux-form", choices=["per-layer", "pooled"], default="per-layer",
-                    help="DeepSeek-V2 only: its own per-layer balance loss, or transformers' pooled function")
+    ap.add_argument("--aux-form", choices=["auto", "per-layer", "pooled"], default="auto",
+                    help="per-layer: DeepSeek-V2's balance loss for each MoE layer; pooled: transformers' function "
+                    "(all layers pooled per expert index); auto: per-layer for deepseek_v2, pooled (the family's "
+                    "own output_router_logits path) for the others")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-windows", type=int, default=128)
     ap.add_argument("--full-val-windows", type=int, default=0, help="limit the final full-split score (dry runs)")
@@ -280,6 +282,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny architecture for a CPU dry run")
     args = ap.parse_args()
+    if args.aux_form == "auto":
+        args.aux_form = "per-layer" if args.family == "deepseek_v2" else "pooled"
     if (args.steps is None) == (args.time_budget is None):
         ap.error("give exactly one of --steps and --time-budget")
 
@@ -322,11 +326,9 @@ def main() -> int:
     )
 
     router_logits: list[torch.Tensor] = []
-    if args.family == "deepseek_v2":
-        from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
-
-        for m in model.modules():
-            if isinstance(m, DeepseekV2TopkRouter):
+    if args.family == "deepseek_v2" or args.aux_form == "per-layer":
+        for name, m in model.named_modules():
+            if name.endswith("mlp.gate") and hasattr(m, "top_k"):  # the router of each MoE layer
                 m.register_forward_hook(lambda mod, inp, out: router_logits.append(out[0]))
     n_experts = cfg.num_experts if args.family != "mixtral" else cfg.num_local_experts
     top_k = cfg.num_experts_per_tok
@@ -345,7 +347,7 @@ def main() -> int:
     def forward_loss(x, y, with_aux: bool):
         router_logits.clear()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            if args.family == "deepseek_v2":
+            if args.family == "deepseek_v2" or args.aux_form == "per-layer":
                 out = model(input_ids=x, use_cache=False)
                 if not with_aux:
                     aux = None
@@ -452,8 +454,7 @@ def main() -> int:
         "tokens_seen": step * args.batch * args.seq, "tokens_seen_at_best": best_step * args.batch * args.seq,
         "train_tokens_available": int(train.numel()), "epochs_at_best": best_step * args.batch * args.seq / train.numel(),
         "lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay, "aux_coef": args.aux_coef,
-        "aux_form": ("deepseek per-layer expert-level" if args.aux_form == "per-layer" else "transformers pooled")
-        if args.family == "deepseek_v2" else "transformers pooled (output_router_logits)",
+        "aux_form": "deepseek-v2 per-layer expert-level" if args.aux_form == "per-layer" else "transformers pooled",
         "seed": args.seed, "train_seconds": round(train_s, 1), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "experts_implementation_in_training": model.config._experts_implementation,
         "best_val_loss_fixed_windows": best_val,
