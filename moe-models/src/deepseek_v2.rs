@@ -24,7 +24,7 @@
 //! Weight names (`model.layers.{i}.` prefix inside a layer):
 //! | checkpoint | field |
 //! |---|---|
-//! | `model.embed_tokens.weight` `(v, h)` | `Model::embed_tokens` |
+//! | `model.embed_tokens.weight` `(v, h)` | `Decoder::embed_tokens` (shared stack, `layers::decoder`) |
 //! | `input_layernorm.weight`, `post_attention_layernorm.weight` | `DecoderLayer::{input_layernorm, post_attention_layernorm}` |
 //! | `self_attn.q_proj.weight` (q_lora_rank null) | `Attention::q_proj` |
 //! | `self_attn.{q_a_proj, q_a_layernorm, q_b_proj}.weight` (q_lora_rank set) | `Attention::{q_a_proj, q_a_layernorm, q_b_proj}` |
@@ -33,7 +33,7 @@
 //! | `mlp.gate.weight` `(e, h)` | `MoeBlock::gate` (f32) |
 //! | `mlp.experts.{j}.{gate,up,down}_proj.weight` | stacked into `Experts::{gate_up_proj, down_proj}` |
 //! | `mlp.shared_experts.{gate,up,down}_proj.weight` | `MoeBlock::shared_experts` |
-//! | `model.norm.weight`, `lm_head.weight` | `Model::{norm, lm_head}` |
+//! | `model.norm.weight`, `lm_head.weight` | `Decoder::{norm, lm_head}` |
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -43,12 +43,12 @@ use crate::cache::KvCache;
 use crate::ctx::{ForwardCtx, MlaPath};
 use crate::error::{Error, Result, TorchContext};
 use crate::layers::attention::{eager_attention, StepPlan};
+use crate::layers::decoder::{family_info, with_tokens, Decoder, Ffn, SelfAttention, StackSpec, Step};
 use crate::layers::mlp::Mlp;
-use crate::layers::moe::{Experts, Mixing, MixingTable, MoeBlock, TokenInfo, TopkMethod, SWIGLU_NAMES};
+use crate::layers::moe::{Experts, Mixing, MixingTable, MoeBlock, TopkMethod, SWIGLU_NAMES};
 use crate::layers::rotary::{yarn_mscale, RopeSpec, RopeStyle, Rotary};
 use crate::layers::{Linear, RmsNorm};
 use crate::loader::VarBuilder;
-use crate::model::ModelInfo;
 
 fn d_vocab() -> usize { 102400 }
 fn d_hidden() -> usize { 4096 }
@@ -269,14 +269,6 @@ impl Config {
         let renorm = Mixing { renormalize: true, scale: 1.0 };
         MixingTable { native: if self.norm_topk_prob && k > 1 { renorm } else { scaled }, always: renorm, never: scaled }
     }
-
-    fn eos_ids(&self) -> Vec<i64> {
-        match &self.eos_token_id {
-            Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
-            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_i64()).collect(),
-            _ => Vec::new(),
-        }
-    }
 }
 
 /// Multi-head latent attention.
@@ -353,7 +345,7 @@ impl Attention {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn forward(
+    fn forward_mla(
         &self,
         layer: usize,
         x: &Tensor,
@@ -411,26 +403,10 @@ impl Attention {
     }
 }
 
-/// A layer's feed-forward block.
-#[derive(Debug)]
-pub enum Ffn {
-    /// A dense SwiGLU MLP (the first `first_k_dense_replace` layers).
-    Dense(Mlp),
-    /// A sparse MoE block.
-    Moe(MoeBlock),
-}
-
-/// One pre-norm decoder layer.
-#[derive(Debug)]
-pub struct DecoderLayer {
-    /// Norm before attention.
-    pub input_layernorm: RmsNorm,
-    /// MLA.
-    pub self_attn: Attention,
-    /// Norm before the feed-forward block.
-    pub post_attention_layernorm: RmsNorm,
-    /// Dense or MoE feed-forward.
-    pub mlp: Ffn,
+impl SelfAttention for Attention {
+    fn forward(&self, layer: usize, x: &Tensor, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
+        self.forward_mla(layer, x, &step.plan, step.rotary, &step.cos, &step.sin, ctx.cache.as_deref_mut(), ctx.mla)
+    }
 }
 
 /// A loaded DeepSeek-V2 model.
@@ -438,16 +414,8 @@ pub struct DecoderLayer {
 pub struct Model {
     /// The parsed config.
     pub config: Config,
-    /// `(v, h)`.
-    pub embed_tokens: Tensor,
-    /// The decoder layers.
-    pub layers: Vec<DecoderLayer>,
-    /// Final norm.
-    pub norm: RmsNorm,
-    /// `(v, h)`.
-    pub lm_head: Tensor,
-    rotary: Rotary,
-    info: ModelInfo,
+    /// Embedding, layers (MLA attention), final norm, LM head.
+    pub decoder: Decoder<Attention>,
 }
 
 impl Model {
@@ -456,10 +424,7 @@ impl Model {
     pub fn load(config: Config, root: &VarBuilder<'_>) -> Result<Self> {
         config.validate()?;
         let c = &config;
-        let (h, v) = (c.hidden_size as i64, c.vocab_size as i64);
-        let (kind, device) = (root.kind(), root.device());
-        let vb = root.pp("model");
-        let embed_tokens = vb.pp("embed_tokens").get("weight", &[v, h])?;
+        let h = c.hidden_size as i64;
         let e = c.n_routed_experts.unwrap_or(0) as i64;
         let topk_method = match c.topk_method.as_str() {
             "group_limited_greedy" => TopkMethod::GroupLimited {
@@ -468,9 +433,22 @@ impl Model {
             },
             _ => TopkMethod::Greedy,
         };
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for i in 0..c.num_hidden_layers {
-            let lv = vb.pp("layers").pp(i);
+        let spec = StackSpec {
+            vocab_size: c.vocab_size as i64,
+            hidden_size: h,
+            rms_norm_eps: c.rms_norm_eps,
+            tie_word_embeddings: c.tie_word_embeddings,
+            sliding_window: None,
+        };
+        let rotary = Rotary::new(&c.rope()?, c.qk_rope_head_dim, RopeStyle::Interleaved, root.device())?;
+        let info = family_info(
+            "deepseek_v2",
+            c.num_experts_per_tok.unwrap_or(0),
+            c.n_shared_experts.unwrap_or(0),
+            c.kv_lora_rank + c.qk_rope_head_dim,
+        );
+        let info = with_tokens(info, c.max_position_embeddings, c.bos_token_id, c.eos_token_id.as_ref());
+        let decoder = Decoder::load(root, spec, c.num_hidden_layers, rotary, info, |i, lv| {
             let mv = lv.pp("mlp");
             let mlp = if c.is_moe_layer(i) {
                 let mi = c.moe_intermediate_size as i64;
@@ -489,95 +467,9 @@ impl Model {
             } else {
                 Ffn::Dense(Mlp::load(&mv, h, c.intermediate_size as i64)?)
             };
-            layers.push(DecoderLayer {
-                input_layernorm: RmsNorm::load(&lv.pp("input_layernorm"), h, c.rms_norm_eps)?,
-                self_attn: Attention::load(&lv.pp("self_attn"), c)?,
-                post_attention_layernorm: RmsNorm::load(&lv.pp("post_attention_layernorm"), h, c.rms_norm_eps)?,
-                mlp,
-            });
-        }
-        let norm = RmsNorm::load(&vb.pp("norm"), h, c.rms_norm_eps)?;
-        let lm_head = if c.tie_word_embeddings {
-            if root.contains("lm_head.weight") {
-                // Tied: transformers overwrites a stored head with the embedding; so do we.
-                let _stored = root.pp("lm_head").get("weight", &[v, h])?;
-            }
-            embed_tokens.shallow_clone()
-        } else {
-            root.pp("lm_head").get("weight", &[v, h])?
-        };
-        root.finish()?;
-        let rotary = Rotary::new(&c.rope()?, c.qk_rope_head_dim, RopeStyle::Interleaved, device)?;
-        let info = ModelInfo {
-            model_type: "deepseek_v2".into(),
-            num_layers: c.num_hidden_layers,
-            moe_layers: (0..c.num_hidden_layers).filter(|&i| c.is_moe_layer(i)).collect(),
-            n_routed_experts: e as usize,
-            n_shared_experts: c.n_shared_experts.unwrap_or(0),
-            native_k: c.num_experts_per_tok.unwrap_or(0),
-            vocab_size: c.vocab_size,
-            hidden_size: c.hidden_size,
-            max_position_embeddings: c.max_position_embeddings,
-            bos_token_id: c.bos_token_id,
-            eos_token_ids: c.eos_ids(),
-            kv_values_per_token_per_layer: c.kv_lora_rank + c.qk_rope_head_dim,
-            kind,
-            device,
-        };
-        tracing::info!(layers = c.num_hidden_layers, experts = e, "deepseek_v2 loaded");
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, rotary, info })
-    }
-
-    /// Shape facts for callers.
-    pub fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    /// Final-norm hidden states `(b, t, h)` for `(b, t)` ids; see [`crate::Model::forward_hidden`].
-    pub fn forward_hidden(&self, ids: &Tensor, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
-        let _guard = tch::no_grad_guard();
-        let device = self.info.device;
-        let plan = StepPlan::new(ids, ctx.mask, ctx.cache.as_deref(), device)?;
-        let ids = ids.f_to_device(device)?;
-        let mut x = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false).ctx("embed_tokens")?; // (b, t, h)
-        let (cos, sin) = self.rotary.cos_sin(&plan.positions)?; // (b, t, rope / 2)
-        let tokens = TokenInfo {
-            mask: if ctx.mask.is_some() { Some(plan.mask.f_reshape([-1])?) } else { None },
-            seq_ids: Tensor::f_arange(plan.b, (Kind::Int64, device))?
-                .f_unsqueeze(1)?
-                .f_expand([plan.b, plan.t], false)?
-                .f_reshape([-1])?,
-        };
-        for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer.self_attn.forward(
-                i,
-                &layer.input_layernorm.forward(&x)?,
-                &plan,
-                &self.rotary,
-                &cos,
-                &sin,
-                ctx.cache.as_deref_mut(),
-                ctx.mla,
-            )?;
-            x = x.f_add(&a)?;
-            let hn = layer.post_attention_layernorm.forward(&x)?;
-            let f = match &layer.mlp {
-                Ffn::Dense(mlp) => mlp.forward(&hn).ctx(format!("layers.{i}.mlp"))?,
-                Ffn::Moe(moe) => moe.forward(i, &hn, &tokens, ctx)?,
-            };
-            x = x.f_add(&f)?;
-        }
-        if let Some(cache) = ctx.cache.as_deref_mut() {
-            cache.commit(plan.t as usize, plan.key_valid, plan.next_pos, plan.has_padding);
-        }
-        self.norm.forward(&x).ctx("norm")
-    }
-
-    /// Logits `(.., v)` in the model dtype for hidden states `(.., h)`.
-    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        let _guard = tch::no_grad_guard();
-        let _span = tracing::trace_span!("lm_head").entered();
-        hidden.f_linear(&self.lm_head, None::<&Tensor>).ctx("lm_head")
+            Ok((Attention::load(&lv.pp("self_attn"), c)?, mlp))
+        })?;
+        Ok(Self { config, decoder })
     }
 }
 

@@ -104,7 +104,7 @@ impl Model {
     /// Shape facts.
     pub fn info(&self) -> &ModelInfo {
         match self {
-            Model::DeepseekV2(m) => m.info(),
+            Model::DeepseekV2(m) => &m.decoder.info,
         }
     }
 
@@ -113,7 +113,7 @@ impl Model {
     /// `ctx.policy` in every MoE layer, records into `ctx.trace`.
     pub fn forward_hidden(&self, ids: &Tensor, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
         match self {
-            Model::DeepseekV2(m) => m.forward_hidden(ids, ctx),
+            Model::DeepseekV2(m) => m.decoder.forward_hidden(ids, ctx),
         }
     }
 
@@ -121,7 +121,7 @@ impl Model {
     /// [`crate::nll::token_nll`]): a long sequence's full-vocabulary logits are large.
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         match self {
-            Model::DeepseekV2(m) => m.lm_head(hidden),
+            Model::DeepseekV2(m) => m.decoder.lm_head(hidden),
         }
     }
 

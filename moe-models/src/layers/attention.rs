@@ -1,10 +1,15 @@
-//! Attention helpers shared by the families: the step plan (positions, key mask, additive bias) and
-//! eager scaled-dot-product attention with an f32 softmax.
+//! Attention shared by the families: the step plan (positions, key mask, additive bias, sliding
+//! window), eager scaled-dot-product attention with an f32 softmax, and Llama-style grouped-query
+//! attention ([`GqaAttention`]: Qwen2-MoE, Mixtral).
 
 use tch::{Device, Kind, Tensor};
 
+use super::decoder::{SelfAttention, Step};
+use super::Linear;
 use crate::cache::KvCache;
+use crate::ctx::ForwardCtx;
 use crate::error::{Error, Result, TorchContext};
+use crate::loader::VarBuilder;
 
 /// What every layer of one forward pass needs to know about positions and masking.
 #[derive(Debug)]
@@ -85,6 +90,22 @@ impl StepPlan {
         let bias = zero.f_where_self(&allowed, &neg)?.f_unsqueeze(1)?; // (b, 1, t, s)
         Ok(Self { b, t, past, positions, mask, has_padding, key_valid, bias, next_pos })
     }
+
+    /// [`StepPlan::bias`] restricted to a sliding window of `window` keys: query slot `i` may also
+    /// attend to key slot `j` only if `i - j < window` (transformers' `sliding_window_overlay`, which
+    /// counts cache slots, padding included).
+    pub fn sliding_bias(&self, window: i64) -> Result<Tensor> {
+        if window < 1 {
+            return Err(Error::Config { key: "sliding_window".into(), msg: format!("{window} is not a positive window") });
+        }
+        let device = self.bias.device();
+        let s = self.past + self.t;
+        let q_abs = Tensor::f_arange_start(self.past, s, (Kind::Int64, device))?.f_unsqueeze(1)?; // (t, 1)
+        let k_abs = Tensor::f_arange(s, (Kind::Int64, device))?.f_unsqueeze(0)?; // (1, s)
+        let inside = q_abs.f_sub(&k_abs)?.f_lt(window)?.f_unsqueeze(0)?.f_unsqueeze(0)?; // (1, 1, t, s)
+        let neg = Tensor::f_full([1], f64::NEG_INFINITY, (Kind::Float, device))?;
+        self.bias.f_where_self(&inside, &neg).ctx("sliding window")
+    }
 }
 
 /// Eager attention: `softmax(q k^T * scale + bias) v` with the softmax in f32, as transformers' eager
@@ -95,4 +116,95 @@ pub fn eager_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale:
     let scores = scores.f_to_kind(Kind::Float)?.f_mul_scalar(scale)?.f_add(bias)?;
     let p = scores.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?;
     p.f_matmul(v).ctx("attention")
+}
+
+/// The sizes of a [`GqaAttention`].
+#[derive(Debug, Clone, Copy)]
+pub struct GqaShape {
+    /// `hidden_size`.
+    pub hidden: i64,
+    /// `num_attention_heads`.
+    pub heads: i64,
+    /// `num_key_value_heads` (divides `heads`).
+    pub kv_heads: i64,
+    /// Per-head dimension (`head_dim`, or `hidden / heads`).
+    pub head_dim: i64,
+    /// Whether q/k/v carry biases (Qwen2-MoE's `qkv_bias`); `o_proj` never does.
+    pub qkv_bias: bool,
+}
+
+/// Llama-style attention with grouped key/value heads (Qwen2-MoE, Mixtral; multi-head when
+/// `kv_heads == heads`): `q_proj`, `k_proj`, `v_proj`, rotary on q and k, eager softmax attention with
+/// scale `head_dim^-0.5`, `o_proj`. The cache holds the roped keys and the values, `(b, s, kv_heads,
+/// head_dim)` each; key/value heads are repeated to the query heads only inside the attention, as
+/// transformers' `repeat_kv`.
+#[derive(Debug)]
+pub struct GqaAttention {
+    /// `(heads * head_dim, h)`.
+    pub q_proj: Linear,
+    /// `(kv_heads * head_dim, h)`.
+    pub k_proj: Linear,
+    /// `(kv_heads * head_dim, h)`.
+    pub v_proj: Linear,
+    /// `(h, heads * head_dim)`.
+    pub o_proj: Linear,
+    /// Sizes.
+    pub shape: GqaShape,
+    /// Whether this layer attends within the model's sliding window.
+    pub sliding: bool,
+}
+
+impl GqaAttention {
+    /// Load the four projections from `vb` (at `...self_attn`).
+    pub fn load(vb: &VarBuilder<'_>, shape: GqaShape, sliding: bool) -> Result<Self> {
+        let GqaShape { hidden, heads, kv_heads, head_dim, qkv_bias } = shape;
+        if heads % kv_heads != 0 {
+            return Err(Error::Config {
+                key: "num_key_value_heads".into(),
+                msg: format!("{kv_heads} does not divide num_attention_heads {heads}"),
+            });
+        }
+        Ok(Self {
+            q_proj: Linear::load(&vb.pp("q_proj"), hidden, heads * head_dim, qkv_bias)?,
+            k_proj: Linear::load(&vb.pp("k_proj"), hidden, kv_heads * head_dim, qkv_bias)?,
+            v_proj: Linear::load(&vb.pp("v_proj"), hidden, kv_heads * head_dim, qkv_bias)?,
+            o_proj: Linear::load(&vb.pp("o_proj"), heads * head_dim, hidden, false)?,
+            shape,
+            sliding,
+        })
+    }
+
+    /// `(b, s, kv_heads, d)` -> `(b, heads, s, d)`: each key/value head serves `heads / kv_heads`
+    /// consecutive query heads.
+    fn repeat_kv(&self, x: &Tensor) -> Result<Tensor> {
+        let GqaShape { heads, kv_heads, head_dim, .. } = self.shape;
+        let (b, s) = (x.size()[0], x.size()[1]);
+        let x = x.f_transpose(1, 2)?; // (b, kvh, s, d)
+        if heads == kv_heads {
+            return Ok(x);
+        }
+        let x = x.f_unsqueeze(2)?.f_expand([b, kv_heads, heads / kv_heads, s, head_dim], false)?; // (b, kvh, rep, s, d)
+        Ok(x.f_reshape([b, heads, s, head_dim])?)
+    }
+}
+
+impl SelfAttention for GqaAttention {
+    fn forward(&self, layer: usize, x: &Tensor, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
+        let _span = tracing::trace_span!("attn", layer).entered();
+        let GqaShape { heads, kv_heads, head_dim, .. } = self.shape;
+        let (b, t) = (step.plan.b, step.plan.t);
+        let q = self.q_proj.forward(x)?.f_reshape([b, t, heads, head_dim])?.f_transpose(1, 2)?; // (b, nh, t, d)
+        let q = step.rotary.apply(&q, &step.cos, &step.sin)?;
+        let k = self.k_proj.forward(x)?.f_reshape([b, t, kv_heads, head_dim])?.f_transpose(1, 2)?; // (b, kvh, t, d)
+        let k = step.rotary.apply(&k, &step.cos, &step.sin)?.f_transpose(1, 2)?; // (b, t, kvh, d)
+        let v = self.v_proj.forward(x)?.f_reshape([b, t, kv_heads, head_dim])?; // (b, t, kvh, d)
+        let (k, v) = match ctx.cache.as_deref_mut() {
+            Some(cache) => cache.append(layer, &k, &v)?,
+            None => (k, v),
+        }; // (b, s, kvh, d)
+        let scale = (head_dim as f64).powf(-0.5);
+        let out = eager_attention(&q, &self.repeat_kv(&k)?, &self.repeat_kv(&v)?, step.bias(self.sliding), scale)?; // (b, nh, t, d)
+        let out = out.f_transpose(1, 2)?.f_reshape([b, t, heads * head_dim])?; // (b, t, nh * d)
+        self.o_proj.forward(&out).ctx(format!("layers.{layer}.self_attn"))
+    }
 }

@@ -1,9 +1,11 @@
 //! Building blocks shared by every family: linear layers, RMSNorm, rotary embeddings (default and YaRN,
 //! interleaved and half-split), the SwiGLU MLP, the MoE block (router, policy hook, dispatch, shared
-//! experts) and attention helpers (masks, positions, eager attention). A family file composes these and
+//! experts), attention (masks, positions, sliding window, eager attention, grouped-query attention) and
+//! the decoder stack (embedding, pre-norm layers, final norm, LM head). A family file composes these and
 //! keeps only what is its own.
 
 pub mod attention;
+pub mod decoder;
 pub mod mlp;
 pub mod moe;
 pub mod rotary;

@@ -1,0 +1,244 @@
+//! The pre-norm decoder stack every family shares: token embedding; per layer
+//! `h = x + self_attn(input_layernorm(x))`, `out = h + mlp(post_attention_layernorm(h))`; final RMSNorm;
+//! LM head (untied, or tied to the embedding). A family supplies its attention (a [`SelfAttention`]),
+//! builds each layer's [`Ffn`] and its [`ModelInfo`]; this module owns the loop, the per-forward
+//! [`Step`] (positions, masks, rotary cos/sin, token facts) and the cache commit.
+
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+use super::attention::StepPlan;
+use super::mlp::Mlp;
+use super::moe::{MoeBlock, TokenInfo};
+use super::rotary::Rotary;
+use super::RmsNorm;
+use crate::ctx::ForwardCtx;
+use crate::error::{Result, TorchContext};
+use crate::loader::VarBuilder;
+use crate::model::ModelInfo;
+
+/// What every layer of one forward pass shares.
+#[derive(Debug)]
+pub struct Step<'a> {
+    /// Positions, padding and the causal bias.
+    pub plan: StepPlan,
+    /// The model's rotary embedding.
+    pub rotary: &'a Rotary,
+    /// `(b, t, rotary_dim / 2)` f32.
+    pub cos: Tensor,
+    /// `(b, t, rotary_dim / 2)` f32.
+    pub sin: Tensor,
+    /// Padding mask and batch rows of the `b * t` tokens, for the MoE blocks.
+    pub tokens: TokenInfo,
+    /// `(b, 1, t, s)` causal bias restricted to the model's sliding window, when it has one.
+    pub window_bias: Option<Tensor>,
+}
+
+impl Step<'_> {
+    /// The attention bias of a layer: windowed iff `sliding` and the model has a window.
+    pub fn bias(&self, sliding: bool) -> &Tensor {
+        match (&self.window_bias, sliding) {
+            (Some(w), true) => w,
+            _ => &self.plan.bias,
+        }
+    }
+}
+
+/// A family's self-attention block.
+pub trait SelfAttention {
+    /// Attend for the `(b, t, h)` normalised hidden states `x` of layer `layer`, appending to
+    /// `ctx.cache` when present; returns `(b, t, h)`.
+    fn forward(&self, layer: usize, x: &Tensor, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor>;
+}
+
+/// A layer's feed-forward block.
+#[derive(Debug)]
+pub enum Ffn {
+    /// A dense SwiGLU MLP.
+    Dense(Mlp),
+    /// A sparse MoE block.
+    Moe(MoeBlock),
+}
+
+/// One pre-norm decoder layer.
+#[derive(Debug)]
+pub struct DecoderLayer<A> {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// The family's attention.
+    pub self_attn: A,
+    /// Norm before the feed-forward block.
+    pub post_attention_layernorm: RmsNorm,
+    /// Dense or MoE feed-forward (the checkpoint's `mlp` or, in Mixtral, `block_sparse_moe`).
+    pub mlp: Ffn,
+}
+
+/// The shape facts the stack needs from a family's config.
+#[derive(Debug, Clone, Copy)]
+pub struct StackSpec {
+    /// `vocab_size`.
+    pub vocab_size: i64,
+    /// `hidden_size`.
+    pub hidden_size: i64,
+    /// `rms_norm_eps`.
+    pub rms_norm_eps: f64,
+    /// `tie_word_embeddings`.
+    pub tie_word_embeddings: bool,
+    /// Attention window of the layers that slide (`sliding_window`), `None` for none.
+    pub sliding_window: Option<i64>,
+}
+
+/// The decoder stack of a loaded model.
+#[derive(Debug)]
+pub struct Decoder<A> {
+    /// `model.embed_tokens.weight` `(v, h)`.
+    pub embed_tokens: Tensor,
+    /// `model.layers.{i}`.
+    pub layers: Vec<DecoderLayer<A>>,
+    /// `model.norm`.
+    pub norm: RmsNorm,
+    /// `lm_head.weight` `(v, h)` (the embedding when tied).
+    pub lm_head: Tensor,
+    /// Rotary embedding shared by all layers.
+    pub rotary: Rotary,
+    /// Window of the sliding layers, if any.
+    pub sliding_window: Option<i64>,
+    /// Shape facts for callers.
+    pub info: ModelInfo,
+}
+
+impl<A: SelfAttention> Decoder<A> {
+    /// Load the stack from the checkpoint root: `model.embed_tokens`, then for each of `num_layers`
+    /// layers the norms plus whatever `layer(i, vb at model.layers.{i})` builds (attention, feed-forward),
+    /// `model.norm`, `lm_head`; then check that every checkpoint tensor was consumed. `info` is completed
+    /// from the loaded layers (`num_layers`, `moe_layers`, `n_routed_experts`, vocabulary, hidden size,
+    /// dtype, device).
+    pub fn load(
+        root: &VarBuilder<'_>,
+        spec: StackSpec,
+        num_layers: usize,
+        rotary: Rotary,
+        mut info: ModelInfo,
+        mut layer: impl FnMut(usize, &VarBuilder<'_>) -> Result<(A, Ffn)>,
+    ) -> Result<Self> {
+        let (h, v, eps) = (spec.hidden_size, spec.vocab_size, spec.rms_norm_eps);
+        let vb = root.pp("model");
+        let embed_tokens = vb.pp("embed_tokens").get("weight", &[v, h])?;
+        let mut layers = Vec::with_capacity(num_layers);
+        for i in 0..num_layers {
+            let lv = vb.pp("layers").pp(i);
+            let (self_attn, mlp) = layer(i, &lv)?;
+            layers.push(DecoderLayer {
+                input_layernorm: RmsNorm::load(&lv.pp("input_layernorm"), h, eps)?,
+                self_attn,
+                post_attention_layernorm: RmsNorm::load(&lv.pp("post_attention_layernorm"), h, eps)?,
+                mlp,
+            });
+        }
+        let norm = RmsNorm::load(&vb.pp("norm"), h, eps)?;
+        let lm_head = if spec.tie_word_embeddings {
+            if root.contains("lm_head.weight") {
+                // Tied: transformers overwrites a stored head with the embedding; so do we.
+                let _stored = root.pp("lm_head").get("weight", &[v, h])?;
+            }
+            embed_tokens.shallow_clone()
+        } else {
+            root.pp("lm_head").get("weight", &[v, h])?
+        };
+        root.finish()?;
+        let moe: Vec<(usize, i64)> = layers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| match &l.mlp {
+                Ffn::Moe(m) => Some((i, m.experts.num_experts)),
+                Ffn::Dense(_) => None,
+            })
+            .collect();
+        info.num_layers = num_layers;
+        info.moe_layers = moe.iter().map(|&(i, _)| i).collect();
+        info.n_routed_experts = moe.first().map_or(0, |&(_, e)| e as usize);
+        info.vocab_size = v as usize;
+        info.hidden_size = h as usize;
+        info.kind = root.kind();
+        info.device = root.device();
+        tracing::info!(model_type = %info.model_type, layers = num_layers, experts = info.n_routed_experts, "loaded");
+        Ok(Self { embed_tokens, layers, norm, lm_head, rotary, sliding_window: spec.sliding_window, info })
+    }
+
+    /// Final-norm hidden states `(b, t, h)` for `(b, t)` ids; see [`crate::Model::forward_hidden`].
+    pub fn forward_hidden(&self, ids: &Tensor, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let device = self.info.device;
+        let plan = StepPlan::new(ids, ctx.mask, ctx.cache.as_deref(), device)?;
+        let ids = ids.f_to_device(device)?;
+        let mut x = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false).ctx("embed_tokens")?; // (b, t, h)
+        let (cos, sin) = self.rotary.cos_sin(&plan.positions)?; // (b, t, rotary / 2)
+        let tokens = TokenInfo {
+            mask: if ctx.mask.is_some() { Some(plan.mask.f_reshape([-1])?) } else { None },
+            seq_ids: Tensor::f_arange(plan.b, (Kind::Int64, device))?
+                .f_unsqueeze(1)?
+                .f_expand([plan.b, plan.t], false)?
+                .f_reshape([-1])?,
+        };
+        let window_bias = match self.sliding_window {
+            Some(w) => Some(plan.sliding_bias(w)?),
+            None => None,
+        };
+        let step = Step { plan, rotary: &self.rotary, cos, sin, tokens, window_bias };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = layer.self_attn.forward(i, &layer.input_layernorm.forward(&x)?, &step, ctx)?;
+            x = x.f_add(&a)?;
+            let hn = layer.post_attention_layernorm.forward(&x)?;
+            let f = match &layer.mlp {
+                Ffn::Dense(mlp) => mlp.forward(&hn).ctx(format!("layers.{i}.mlp"))?,
+                Ffn::Moe(moe) => moe.forward(i, &hn, &step.tokens, ctx)?,
+            };
+            x = x.f_add(&f)?;
+        }
+        if let Some(cache) = ctx.cache.as_deref_mut() {
+            let p = step.plan;
+            cache.commit(p.t as usize, p.key_valid, p.next_pos, p.has_padding);
+        }
+        self.norm.forward(&x).ctx("norm")
+    }
+
+    /// Logits `(.., v)` in the model dtype for hidden states `(.., h)`.
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let _span = tracing::trace_span!("lm_head").entered();
+        hidden.f_linear(&self.lm_head, None::<&Tensor>).ctx("lm_head")
+    }
+}
+
+/// A [`ModelInfo`] with the family's own facts; [`Decoder::load`] fills in the rest.
+pub fn family_info(model_type: &str, native_k: usize, n_shared_experts: usize, kv_values_per_token_per_layer: usize) -> ModelInfo {
+    ModelInfo {
+        model_type: model_type.into(),
+        num_layers: 0,
+        moe_layers: Vec::new(),
+        n_routed_experts: 0,
+        n_shared_experts,
+        native_k,
+        vocab_size: 0,
+        hidden_size: 0,
+        max_position_embeddings: 0,
+        bos_token_id: None,
+        eos_token_ids: Vec::new(),
+        kv_values_per_token_per_layer,
+        kind: Kind::Float,
+        device: Device::Cpu,
+    }
+}
+
+/// Special-token facts shared by every config.json: `max_position_embeddings`, `bos_token_id` and
+/// `eos_token_id` (a number or a list).
+pub fn with_tokens(mut info: ModelInfo, max_position_embeddings: usize, bos: Option<i64>, eos: Option<&Value>) -> ModelInfo {
+    info.max_position_embeddings = max_position_embeddings;
+    info.bos_token_id = bos;
+    info.eos_token_ids = match eos {
+        Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_i64()).collect(),
+        _ => Vec::new(),
+    };
+    info
+}
