@@ -1,8 +1,9 @@
 # alloc-moe's single entry point. `make sweep` runs the main job, `make test` runs the tests; both do all
 # set-up first (a torch 2.11.0 venv outside the checkout, reused when present; the libtorch link).
 SHELL := /bin/bash
-CACHE ?= $(HOME)/.cache/alloc-moe
+CACHE ?= $(or $(ALLOC_MOE_CACHE),$(HOME)/.cache/alloc-moe)
 VENV := $(CACHE)/venv-torch-2.11.0
+export ALLOC_MOE_CACHE := $(CACHE)
 # torch-sys runs `python3` from PATH to find torch: put the venv first.
 export PATH := $(VENV)/bin:$(PATH)
 CARGO ?= cargo
