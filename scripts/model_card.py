@@ -168,6 +168,9 @@ def main() -> int:
             rust = float(sys.argv[i + 1])
         if a == "--rust-note":
             rust_note = sys.argv[i + 1]
+    as_run = "run as given"
+    if "--as-run" in sys.argv:  # how the run was actually launched, e.g. with --time-budget
+        as_run = sys.argv[sys.argv.index("--as-run") + 1]
 
     log = [json.loads(line) for line in open(model_dir / "training_log.jsonl")]
     last = log[-10:]
@@ -222,6 +225,20 @@ def main() -> int:
     mean_tcv = sum(r["train_sample_load_cv"] for r in stats) / len(stats)
     src_h = float(entropy(torch.tensor([window_source.count(x) for x in sorted(set(window_source))], dtype=torch.float)
                           / len(window_source)))
+    per_layer = "per-layer" in s.get("aux_form", "")
+    if per_layer:
+        balance_text = (f"Load CV is {mean_cv:.2f} on this validation mix and {mean_tcv:.2f} on the training sample, "
+                        "with no unused expert: DeepSeek-V2's per-layer balance loss keeps every layer balanced on "
+                        "the training mix, and domain preferences show as the larger spread on the validation mix.")
+    else:
+        balance_text = (f"Load CV is {mean_cv:.2f} on this validation mix and {mean_tcv:.2f} on the training sample: "
+                        "single layers are not balanced. That is how transformers' `load_balancing_loss_func` works: "
+                        "it pools the top-k counts and mean router probabilities of *all* MoE layers into one vector "
+                        "per expert index before taking the product, so it balances expert j's total over the layers, "
+                        f"not each layer (the pooled loss sat at its balanced value {native_k} throughout training, see "
+                        "`aux_loss` in the log). Real checkpoints are uneven per layer too, and for Alloc-T this skew "
+                        "is part of what gets measured; `scripts/train_moe.py --aux-form per-layer` trains with a "
+                        "per-layer loss instead (as deepseek-v2-tiny was).")
     expert_names = ("`model.layers.{i}.block_sparse_moe.experts.{e}.{w1,w2,w3}.weight`, "
                     "`block_sparse_moe.gate.weight`" if family == "mixtral" else
                     "`model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight`, `mlp.gate.weight`")
@@ -258,13 +275,13 @@ Tokenizer: byte-level BPE, 8192 tokens, trained on the training split (`scripts/
 
 ## Training
 
-`scripts/train_moe.py --family {family} --time-budget 430 --max-steps 3600` on one {s['device']}
-(three families trained concurrently, {s['train_seconds']:.0f} s for this one): {s['steps']} AdamW steps of
+`scripts/train_moe.py --family {family} --steps {s['steps']}` repeats this run ({as_run}; {s['train_seconds']:.0f} s of
+training on one {s['device']}): {s['steps']} AdamW steps of
 {s['batch']} x {s['seq']} tokens = {s['tokens_seen'] / 1e6:.1f}M tokens seen ({s['epochs_at_best']:.2f} epochs of the
 training split), peak learning rate {s['lr']}, {s['warmup']} warm-up steps then cosine to 10%, weight decay
 {s['weight_decay']}, gradient clip 1.0, bf16 autocast with f32 master weights, seed {s['seed']}.
-Load-balancing loss: transformers' `load_balancing_loss_func` (Switch form) times {s['aux_coef']}
-{"(5.17's DeepseekV2ForCausalLM has no auxiliary loss, so the script applies the same function to router logits captured by hooks)" if family == "deepseek_v2" else "(the family's own `output_router_logits=True` path)"}.
+Load-balancing loss, times {s['aux_coef']}: {"DeepSeek-V2's expert-level balance loss" if per_layer else "transformers' `load_balancing_loss_func` (Switch form)"}
+{"(transformers 5.17's DeepseekV2ForCausalLM has no auxiliary loss, so the script captures the router logits with hooks and applies DeepSeek-V2's own expert-level balance loss to each MoE layer, summed over layers: `deepseek_balance_loss`, 1.0 per layer when balanced)" if per_layer else "(the family's own `output_router_logits=True` path)"}.
 The kept checkpoint is the one with the best validation loss (step {s['best_step']}, the last step).
 
 ![loss curve](loss.png)
@@ -310,12 +327,7 @@ Load: each expert's share of the top-{native_k} slots as a multiple of the unifo
 
 Mean over layers: per-token router entropy {100 * mean_ent:.0f}% of uniform, MI(token; expert) {mean_mi:.2f} nats,
 MI(source; expert) {mean_src:.2f} nats: routing depends on the token and on its domain, so the experts
-specialise. Load CV is {mean_cv:.2f} on this validation mix and {mean_tcv:.2f} on the training sample: single
-layers are not balanced. That is how transformers' `load_balancing_loss_func` works: it pools the top-k counts
-and mean router probabilities of *all* MoE layers into one vector per expert index before taking the product,
-so it balances expert j's total over the layers, not each layer (the pooled loss sat at its balanced value
-{native_k} throughout training, see `aux_loss` in the log). Real checkpoints are uneven per layer too; for
-Alloc-T and expert-parallel cost this skew is part of what is being measured.
+specialise. {balance_text}
 
 ## Checkpoint format
 
