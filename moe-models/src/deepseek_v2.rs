@@ -37,7 +37,7 @@
 
 use serde::Deserialize;
 use serde_json::Value;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::cache::KvCache;
 use crate::ctx::{ForwardCtx, MlaPath};
@@ -45,7 +45,7 @@ use crate::error::{Error, Result, TorchContext};
 use crate::layers::attention::{eager_attention, StepPlan};
 use crate::layers::decoder::{family_info, with_tokens, Decoder, Ffn, SelfAttention, StackSpec, Step};
 use crate::layers::mlp::Mlp;
-use crate::layers::moe::{Experts, Mixing, MixingTable, MoeBlock, TopkMethod, SWIGLU_NAMES};
+use crate::layers::moe::{MixingTable, MoeBlock, TopkMethod, SWIGLU_NAMES};
 use crate::layers::rotary::{yarn_mscale, RopeSpec, RopeStyle, Rotary};
 use crate::layers::{Linear, RmsNorm};
 use crate::loader::VarBuilder;
@@ -265,9 +265,7 @@ impl Config {
     /// else: w *= routed_scaling_factor`).
     pub fn mixing(&self) -> MixingTable {
         let k = self.num_experts_per_tok.unwrap_or(1);
-        let scaled = Mixing { renormalize: false, scale: self.routed_scaling_factor };
-        let renorm = Mixing { renormalize: true, scale: 1.0 };
-        MixingTable { native: if self.norm_topk_prob && k > 1 { renorm } else { scaled }, always: renorm, never: scaled }
+        MixingTable::new(self.norm_topk_prob && k > 1, self.routed_scaling_factor)
     }
 }
 
@@ -452,18 +450,12 @@ impl Model {
             let mv = lv.pp("mlp");
             let mlp = if c.is_moe_layer(i) {
                 let mi = c.moe_intermediate_size as i64;
-                let shared = match c.n_shared_experts.unwrap_or(0) {
-                    0 => None,
-                    ns => Some(Mlp::load(&mv.pp("shared_experts"), h, mi * ns as i64)?),
-                };
-                Ffn::Moe(MoeBlock {
-                    gate: mv.pp("gate").get_kind("weight", &[e, h], Kind::Float)?,
-                    experts: Experts::load(&mv.pp("experts"), e, h, mi, SWIGLU_NAMES)?,
-                    shared_experts: shared,
-                    shared_expert_gate: None,
-                    topk_method,
-                    mixing: c.mixing(),
-                })
+                let mut moe = MoeBlock::load(&mv, e, h, mi, SWIGLU_NAMES, c.mixing())?;
+                moe.topk_method = topk_method;
+                if let Some(ns) = c.n_shared_experts.filter(|&ns| ns > 0) {
+                    moe.shared_experts = Some(Mlp::load(&mv.pp("shared_experts"), h, mi * ns as i64)?);
+                }
+                Ffn::Moe(moe)
             } else {
                 Ffn::Dense(Mlp::load(&mv, h, c.intermediate_size as i64)?)
             };
@@ -476,6 +468,7 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::moe::Mixing;
 
     fn lite() -> Config {
         serde_json::from_str(include_str!("../configs/deepseek_v2_lite.json")).expect("lite config")

@@ -77,7 +77,7 @@ pub enum Error {
         msg: String,
     },
     /// The model type is not one this crate implements.
-    #[error("unsupported model_type `{0}` (supported: deepseek_v2)")]
+    #[error("unsupported model_type `{0}` (supported: deepseek_v2, qwen2_moe, mixtral)")]
     UnsupportedModel(String),
     /// The tokenizer could not be loaded or run.
     #[error("tokenizer {path}: {msg}")]
@@ -108,6 +108,13 @@ pub enum Error {
     /// The caller passed inputs that do not fit the model or each other.
     #[error("invalid input: {0}")]
     Input(String),
+}
+
+impl Error {
+    /// A [`Error::Config`] naming `key`.
+    pub(crate) fn config(key: &str, msg: impl Into<String>) -> Self {
+        Error::Config { key: key.into(), msg: msg.into() }
+    }
 }
 
 impl From<tch::TchError> for Error {

@@ -43,9 +43,9 @@
 //!
 //! # Layout
 //! `loader` (checkpoint, var-builder, tokenizer), `layers` (shared blocks: norms, rotary, MLP, MoE,
-//! attention helpers), `cache`, `ctx`, one file per family (`deepseek_v2`), `model` (the dispatching
-//! handle), `nll`. Adding a family: a file like `deepseek_v2.rs` built from `layers`, a `Model` variant
-//! and a `load` arm.
+//! attention incl. grouped-query and sliding window, the decoder stack), `cache`, `ctx`, one file per
+//! family (`deepseek_v2`, `qwen2_moe`, `mixtral`), `model` (the dispatching handle), `nll`. Adding a
+//! family: a file like `mixtral.rs` built from `layers`, a `Model` variant and a `build` arm.
 
 pub mod cache;
 pub mod ctx;
@@ -53,8 +53,10 @@ pub mod deepseek_v2;
 pub mod error;
 pub mod layers;
 pub mod loader;
+pub mod mixtral;
 pub mod model;
 pub mod nll;
+pub mod qwen2_moe;
 
 /// The tch (libtorch) version the models are built with, for callers without their own `tch` dependency.
 pub use tch;

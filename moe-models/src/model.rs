@@ -7,14 +7,14 @@ use tch::{Device, Kind, Tensor};
 
 use crate::cache::KvCache;
 use crate::ctx::ForwardCtx;
-use crate::deepseek_v2;
 use crate::error::{Error, Result, TorchContext};
+use crate::{deepseek_v2, mixtral, qwen2_moe};
 use crate::loader::{read_json, Checkpoint, VarBuilder};
 
 /// Shape facts a caller needs (budgets, sweeps, results).
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
-    /// config.json's `model_type` (`deepseek_v2`, later `qwen2_moe`, `mixtral`).
+    /// config.json's `model_type` (`deepseek_v2`, `qwen2_moe`, `mixtral`).
     pub model_type: String,
     /// Decoder layers.
     pub num_layers: usize,
@@ -36,7 +36,8 @@ pub struct ModelInfo {
     pub bos_token_id: Option<i64>,
     /// End-of-sequence ids.
     pub eos_token_ids: Vec<i64>,
-    /// KV-cache values per token per layer (DeepSeek-V2-Lite: 576, the latent).
+    /// KV-cache values per token per layer (DeepSeek-V2-Lite: 576, the latent; grouped-query attention:
+    /// `2 * num_key_value_heads * head_dim`).
     pub kv_values_per_token_per_layer: usize,
     /// Compute dtype.
     pub kind: Kind,
@@ -56,6 +57,10 @@ impl ModelInfo {
 pub enum Model {
     /// DeepSeek-V2 / V2-Lite.
     DeepseekV2(Box<deepseek_v2::Model>),
+    /// Qwen1.5-MoE / Qwen2-MoE.
+    Qwen2Moe(Box<qwen2_moe::Model>),
+    /// Mixtral.
+    Mixtral(Box<mixtral::Model>),
 }
 
 /// The part of config.json that picks the family.
@@ -64,40 +69,32 @@ struct ModelType {
     model_type: Option<String>,
 }
 
+/// Parse `config_path` as the family `model_type` names and build the model from `root`.
+fn build(config_path: &Path, root: &VarBuilder<'_>) -> Result<Model> {
+    let ty: ModelType = read_json(config_path)?;
+    let ty = ty.model_type.ok_or_else(|| Error::Config { key: "model_type".into(), msg: "missing".into() })?;
+    Ok(match ty.as_str() {
+        "deepseek_v2" => Model::DeepseekV2(Box::new(deepseek_v2::Model::load(read_json(config_path)?, root)?)),
+        "qwen2_moe" => Model::Qwen2Moe(Box::new(qwen2_moe::Model::load(read_json(config_path)?, root)?)),
+        "mixtral" => Model::Mixtral(Box::new(mixtral::Model::load(read_json(config_path)?, root)?)),
+        other => return Err(Error::UnsupportedModel(other.to_string())),
+    })
+}
+
 /// Load the checkpoint in `dir` (config.json plus safetensors) onto `device` in `kind`, dispatching once
 /// on `model_type`.
 pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Model> {
     let _span = tracing::info_span!("load", dir = %dir.display()).entered();
-    let config_path = dir.join("config.json");
-    let ty: ModelType = read_json(&config_path)?;
-    let ty = ty.model_type.ok_or_else(|| Error::Config { key: "model_type".into(), msg: "missing".into() })?;
-    match ty.as_str() {
-        "deepseek_v2" => {
-            let config: deepseek_v2::Config = read_json(&config_path)?;
-            config.validate()?;
-            let ckpt = Checkpoint::open(dir)?;
-            let root = VarBuilder::new(&ckpt, kind, device);
-            Ok(Model::DeepseekV2(Box::new(deepseek_v2::Model::load(config, &root)?)))
-        }
-        other => Err(Error::UnsupportedModel(other.to_string())),
-    }
+    let ckpt = Checkpoint::open(dir)?;
+    build(&dir.join("config.json"), &VarBuilder::new(&ckpt, kind, device))
 }
 
 /// Build a model with random weights from a config.json alone (norms one, other weights
-/// `N(0, std^2)`, seeded): real shapes for speed measurements without a checkpoint, e.g. DeepSeek-V2-Lite
-/// in bf16 on a GPU.
+/// `N(0, std^2)`, seeded): real shapes for speed measurements without a checkpoint, e.g. DeepSeek-V2-Lite,
+/// Qwen1.5-MoE-A2.7B or Mixtral-8x7B (`moe-models/configs/`) in bf16 on a GPU.
 pub fn load_random(config_path: &Path, device: Device, kind: Kind, std: f64, seed: i64) -> Result<Model> {
-    let ty: ModelType = read_json(config_path)?;
-    let ty = ty.model_type.ok_or_else(|| Error::Config { key: "model_type".into(), msg: "missing".into() })?;
     tch::manual_seed(seed);
-    let root = VarBuilder::random(std, kind, device);
-    match ty.as_str() {
-        "deepseek_v2" => {
-            let config: deepseek_v2::Config = read_json(config_path)?;
-            Ok(Model::DeepseekV2(Box::new(deepseek_v2::Model::load(config, &root)?)))
-        }
-        other => Err(Error::UnsupportedModel(other.to_string())),
-    }
+    build(config_path, &VarBuilder::random(std, kind, device))
 }
 
 impl Model {
@@ -105,6 +102,8 @@ impl Model {
     pub fn info(&self) -> &ModelInfo {
         match self {
             Model::DeepseekV2(m) => &m.decoder.info,
+            Model::Qwen2Moe(m) => &m.decoder.info,
+            Model::Mixtral(m) => &m.decoder.info,
         }
     }
 
@@ -114,6 +113,8 @@ impl Model {
     pub fn forward_hidden(&self, ids: &Tensor, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
         match self {
             Model::DeepseekV2(m) => m.decoder.forward_hidden(ids, ctx),
+            Model::Qwen2Moe(m) => m.decoder.forward_hidden(ids, ctx),
+            Model::Mixtral(m) => m.decoder.forward_hidden(ids, ctx),
         }
     }
 
@@ -122,6 +123,8 @@ impl Model {
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         match self {
             Model::DeepseekV2(m) => m.decoder.lm_head(hidden),
+            Model::Qwen2Moe(m) => m.decoder.lm_head(hidden),
+            Model::Mixtral(m) => m.decoder.lm_head(hidden),
         }
     }
 

@@ -3,69 +3,35 @@
 //! Router ids must match exactly, f32 logits within rtol 1e-4 / atol 1e-5; cached incremental decode must
 //! equal the uncached forward.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
 
 use alloc_token::device::DeviceTopK;
-use moe_models::{deepseek_v2, Dispatch, ForwardCtx, KvCache, MlaPath, Model, Renormalize, RoutingTrace};
+use common::{compare, fixture_dir, Golden, ATOL, RTOL};
+use moe_models::{deepseek_v2, Dispatch, ForwardCtx, KvCache, MlaPath, Renormalize, RoutingTrace};
 use tch::{Device, Kind, Tensor};
 
 const CASES: [&str; 3] = ["lite_yarn", "v2_group_limited", "norm_topk_yarn_long"];
-const RTOL: f64 = 1e-4;
-const ATOL: f64 = 1e-5;
 
-fn dir(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deepseek_v2").join(case)
+fn dir(case: &str) -> std::path::PathBuf {
+    fixture_dir("deepseek_v2", case)
 }
 
-struct Golden {
-    model: Model,
-    config: deepseek_v2::Config,
-    t: HashMap<String, Tensor>,
+fn golden(case: &str) -> Golden {
+    Golden::load(&dir(case))
 }
 
-impl Golden {
-    fn load(case: &str) -> Self {
-        let d = dir(case);
-        let model = moe_models::load(&d, Device::Cpu, Kind::Float).expect("load fixture");
-        let config: deepseek_v2::Config =
-            serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).expect("config")).expect("parse");
-        let t = Tensor::read_safetensors(d.join("golden.safetensors")).expect("golden").into_iter().collect();
-        Self { model, config, t }
-    }
-    fn get(&self, name: &str) -> &Tensor {
-        self.t.get(name).unwrap_or_else(|| panic!("golden lacks {name}"))
-    }
-    fn ids(&self) -> &Tensor {
-        self.get("input_ids")
-    }
-    fn mask(&self) -> &Tensor {
-        self.get("attention_mask")
-    }
-    fn policy(&self) -> DeviceTopK {
-        DeviceTopK { k: self.model.info().native_k }
-    }
-}
-
-/// Largest violation of `|a - b| <= atol + rtol |b|` over the real tokens, as (max abs err, ok).
-fn compare(a: &Tensor, b: &Tensor, mask: &Tensor, rtol: f64, atol: f64) -> (f64, bool) {
-    let keep = mask.ne(0).unsqueeze(-1).expand_as(b);
-    let a = a.masked_select(&keep);
-    let b = b.masked_select(&keep);
-    let err = (&a - &b).abs();
-    let excess = (&err - (b.abs() * rtol + atol)).max().double_value(&[]);
-    (err.max().double_value(&[]), excess <= 0.0)
+fn config(case: &str) -> deepseek_v2::Config {
+    serde_json::from_str(&std::fs::read_to_string(dir(case).join("config.json")).expect("config")).expect("parse")
 }
 
 fn logits(g: &Golden, ctx: &mut ForwardCtx<'_>) -> Tensor {
-    let h = g.model.forward_hidden(g.ids(), ctx).expect("forward");
-    g.model.lm_head(&h).expect("lm_head").to_kind(Kind::Float)
+    g.logits(ctx)
 }
 
 #[test]
 fn logits_match_transformers_within_rtol_1e4() {
     for case in CASES {
-        let g = Golden::load(case);
+        let g = golden(case);
         let policy = g.policy();
         let mut ctx = ForwardCtx::new(&policy).with_mask(g.mask());
         let out = logits(&g, &mut ctx);
@@ -78,7 +44,7 @@ fn logits_match_transformers_within_rtol_1e4() {
 #[test]
 fn topk_policy_reproduces_hf_router_ids_exactly() {
     for case in CASES {
-        let g = Golden::load(case);
+        let g = golden(case);
         let policy = g.policy();
         let mut trace = RoutingTrace::new();
         let mut ctx = ForwardCtx::new(&policy).with_mask(g.mask()).with_trace(&mut trace);
@@ -98,45 +64,23 @@ fn topk_policy_reproduces_hf_router_ids_exactly() {
 #[test]
 fn softmax_scale_carries_the_yarn_mscale_squared_factor_like_transformers() {
     for case in CASES {
-        let g = Golden::load(case);
+        let g = golden(case);
+        let c = config(case);
         let want = g.get("softmax_scale").double_value(&[0]);
-        let got = g.config.softmax_scale().expect("scale");
+        let got = c.softmax_scale().expect("scale");
         assert!((got - want).abs() < 1e-12, "{case}: {got} vs {want}");
-        let af = g.config.rope().expect("rope").inv_freq(g.config.qk_rope_head_dim).1;
+        let af = c.rope().expect("rope").inv_freq(c.qk_rope_head_dim).1;
         let want = g.get("rope_attention_factor").double_value(&[0]);
         assert!((af - want).abs() < 1e-12, "{case}: cos/sin factor {af} vs {want}");
     }
     // The Lite-style case really has a non-trivial factor (mscale(40, 0.707)^2 ~ 1.59).
-    let g = Golden::load("lite_yarn");
-    let plain = (g.config.qk_head_dim() as f64).powf(-0.5);
-    assert!(g.config.softmax_scale().expect("scale") / plain > 1.5);
+    let c = config("lite_yarn");
+    let plain = (c.qk_head_dim() as f64).powf(-0.5);
+    assert!(c.softmax_scale().expect("scale") / plain > 1.5);
 }
 
-/// Prefill the first half, then decode one token at a time; every real token's logits must equal the
-/// uncached forward's.
 fn check_cached_decode(case: &str, mla: MlaPath) {
-    let g = Golden::load(case);
-    let policy = g.policy();
-    let full = logits(&g, &mut ForwardCtx::new(&policy).with_mask(g.mask()));
-    let t = g.ids().size()[1];
-    let p = t / 2;
-    let mut cache = KvCache::new();
-    let mut steps = Vec::new();
-    let mut start = 0;
-    while start < t {
-        let len = if start == 0 { p } else { 1 };
-        let ids = g.ids().narrow(1, start, len);
-        let mask = g.mask().narrow(1, start, len);
-        let mut ctx = ForwardCtx::new(&policy).with_mask(&mask).with_cache(&mut cache).with_mla(mla);
-        let h = g.model.forward_hidden(&ids, &mut ctx).expect("step");
-        steps.push(g.model.lm_head(&h).expect("head"));
-        start += len;
-    }
-    assert_eq!(cache.len() as i64, t);
-    let cached = Tensor::cat(&steps, 1);
-    let (err, ok) = compare(&cached, &full, g.mask(), RTOL, 1e-4);
-    eprintln!("{case} ({mla:?}): max |cached - uncached| {err:.3e}");
-    assert!(ok, "{case}: cached decode differs from the uncached forward ({err:.3e})");
+    common::check_cached_decode(&golden(case), case, mla);
 }
 
 #[test]
@@ -153,22 +97,23 @@ fn cached_decode_with_expanded_attention_equals_uncached_forward() {
 
 #[test]
 fn latent_cache_stores_kv_lora_rank_plus_rope_dim_per_token_per_layer() {
-    let g = Golden::load("lite_yarn");
+    let g = golden("lite_yarn");
+    let cfg = config("lite_yarn");
     let policy = g.policy();
     let mut cache = KvCache::new();
     let ids = g.ids().narrow(1, 0, 5);
     let _ = g.model.forward_hidden(&ids, &mut ForwardCtx::new(&policy).with_cache(&mut cache)).expect("prefill");
     let (c, k) = cache.layer(0).expect("layer 0 cached");
-    assert_eq!(c.size(), vec![2, 5, g.config.kv_lora_rank as i64]);
-    assert_eq!(k.size(), vec![2, 5, g.config.qk_rope_head_dim as i64]);
-    let per_token = (g.config.kv_lora_rank + g.config.qk_rope_head_dim) * g.config.num_hidden_layers;
+    assert_eq!(c.size(), vec![2, 5, cfg.kv_lora_rank as i64]);
+    assert_eq!(k.size(), vec![2, 5, cfg.qk_rope_head_dim as i64]);
+    let per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers;
     assert_eq!(cache.bytes(), 2 * 5 * per_token * 4);
-    assert_eq!(g.model.info().kv_values_per_token_per_layer, g.config.kv_lora_rank + g.config.qk_rope_head_dim);
+    assert_eq!(g.model.info().kv_values_per_token_per_layer, cfg.kv_lora_rank + cfg.qk_rope_head_dim);
 }
 
 #[test]
 fn absorbed_and_expanded_mla_agree_on_a_full_forward() {
-    let g = Golden::load("v2_group_limited");
+    let g = golden("v2_group_limited");
     let policy = g.policy();
     let a = logits(&g, &mut ForwardCtx::new(&policy).with_mla(MlaPath::Absorbed));
     let b = logits(&g, &mut ForwardCtx::new(&policy).with_mla(MlaPath::Expanded));
@@ -178,7 +123,7 @@ fn absorbed_and_expanded_mla_agree_on_a_full_forward() {
 #[test]
 fn grouped_mm_and_per_expert_dispatch_give_the_same_logits() {
     for case in CASES {
-        let g = Golden::load(case);
+        let g = golden(case);
         let policy = g.policy();
         let a = logits(&g, &mut ForwardCtx::new(&policy).with_mask(g.mask()).with_dispatch(Dispatch::Grouped));
         let b = logits(&g, &mut ForwardCtx::new(&policy).with_mask(g.mask()).with_dispatch(Dispatch::PerExpert));
@@ -190,14 +135,14 @@ fn grouped_mm_and_per_expert_dispatch_give_the_same_logits() {
 #[test]
 fn renormalize_option_switches_the_mixing_rule() {
     // norm_topk_prob true: native == always; never (raw probs x 3.0) differs.
-    let g = Golden::load("norm_topk_yarn_long");
+    let g = golden("norm_topk_yarn_long");
     let policy = g.policy();
     let run = |r| logits(&g, &mut ForwardCtx::new(&policy).with_mask(g.mask()).with_renormalize(r));
     let native = run(Renormalize::Native);
     assert!(native.allclose(&run(Renormalize::Always), 0.0, 0.0, false));
     assert!(!native.allclose(&run(Renormalize::Never), 1e-3, 1e-3, false));
     // norm_topk_prob false: native == never.
-    let g = Golden::load("v2_group_limited");
+    let g = golden("v2_group_limited");
     let policy = g.policy();
     let run = |r| logits(&g, &mut ForwardCtx::new(&policy).with_renormalize(r));
     assert!(run(Renormalize::Native).allclose(&run(Renormalize::Never), 0.0, 0.0, false));
@@ -205,7 +150,7 @@ fn renormalize_option_switches_the_mixing_rule() {
 
 #[test]
 fn reduced_k_policy_changes_routing_width_and_logits() {
-    let g = Golden::load("lite_yarn");
+    let g = golden("lite_yarn");
     let k1 = DeviceTopK { k: 1 };
     let mut trace = RoutingTrace::new();
     let out = logits(&g, &mut ForwardCtx::new(&k1).with_mask(g.mask()).with_trace(&mut trace));
@@ -220,7 +165,7 @@ fn reduced_k_policy_changes_routing_width_and_logits() {
 
 #[test]
 fn token_nll_matches_full_logits_and_masks_padding() {
-    let g = Golden::load("norm_topk_yarn_long");
+    let g = golden("norm_topk_yarn_long");
     let policy = g.policy();
     let nll = moe_models::token_nll(&g.model, g.ids(), &mut ForwardCtx::new(&policy).with_mask(g.mask()), 7)
         .expect("nll");

@@ -120,8 +120,11 @@ impl Experts {
         let y = act.f_internal_grouped_mm(&self.down_proj.f_transpose(1, 2)?, Some(&offs), None::<&Tensor>, None)?;
         let wg = weights.f_reshape([-1])?.f_index_select(0, &perm)?.f_unsqueeze(1)?; // (m, 1) f32
         let y = y.f_to_kind(Kind::Float)?.f_mul(&wg)?;
-        let y = y.f_where_self(&valid, &Tensor::f_zeros([1], (Kind::Float, dev))?)?;
-        let out = Tensor::f_zeros([n, h], (Kind::Float, dev))?.f_index_add(0, &token, &y)?;
+        let y = y.f_where_self(&valid, &Tensor::f_zeros([1], (Kind::Float, dev))?)?; // (m, h)
+        // Back to (token, slot) order and sum the slots: deterministic, and no `index_add`, which is
+        // pathologically slow on the CPU (~30 ms for one row on this machine's libtorch).
+        let inv = perm.f_argsort(0, false)?;
+        let out = y.f_index_select(0, &inv)?.f_reshape([n, w, h])?.f_sum_dim_intlist(1, false, Kind::Float)?;
         out.f_to_kind(x.kind()).ctx("moe.experts.grouped")
     }
 
@@ -157,7 +160,9 @@ impl Experts {
             let act = Self::swiglu(&gu)?;
             let y = act.f_linear(&self.down_proj.f_get(j as i64)?, None::<&Tensor>)?; // (nj, h)
             let y = y.f_to_kind(Kind::Float)?.f_mul(&mw)?;
-            out = out.f_index_add(0, &idx, &y)?;
+            // Tokens are unique within a group; `index_put_` (accumulating) rather than `index_add`,
+            // which is pathologically slow on the CPU.
+            out.f_index_put_(&[Some(&idx)], &y, true)?;
         }
         out.f_to_kind(x.kind()).ctx("moe.experts.per_expert")
     }
@@ -199,6 +204,14 @@ pub struct MixingTable {
 }
 
 impl MixingTable {
+    /// The usual table: `always` renormalises (scale 1), `never` uses the raw probabilities times
+    /// `raw_scale`, and `native` is one of the two as the family says.
+    pub fn new(native_renormalizes: bool, raw_scale: f64) -> Self {
+        let renorm = Mixing { renormalize: true, scale: 1.0 };
+        let raw = Mixing { renormalize: false, scale: raw_scale };
+        Self { native: if native_renormalizes { renorm } else { raw }, always: renorm, never: raw }
+    }
+
     /// The mixing for option `r`.
     pub fn get(&self, r: Renormalize) -> Mixing {
         match r {
@@ -236,6 +249,20 @@ pub struct MoeBlock {
 }
 
 impl MoeBlock {
+    /// Load the router (`gate.weight` `(e, h)`, kept in f32) and `e` routed experts of width `i` from `vb`
+    /// (the checkpoint's MoE module), with greedy routing and no shared experts; a family sets
+    /// `shared_experts`, `shared_expert_gate` and `topk_method` afterwards where it has them.
+    pub fn load(vb: &VarBuilder<'_>, e: i64, h: i64, i: i64, names: ExpertNames, mixing: MixingTable) -> Result<Self> {
+        Ok(Self {
+            gate: vb.pp("gate").get_kind("weight", &[e, h], Kind::Float)?,
+            experts: Experts::load(&vb.pp("experts"), e, h, i, names)?,
+            shared_experts: None,
+            shared_expert_gate: None,
+            topk_method: TopkMethod::Greedy,
+            mixing,
+        })
+    }
+
     /// Router probabilities `(n, e)` f32 for `x` `(n, h)`, group-limited if the family routes so.
     pub fn router_probs(&self, x: &Tensor) -> Result<Tensor> {
         let logits = x.f_to_kind(Kind::Float)?.f_linear(&self.gate, None::<&Tensor>)?;
