@@ -309,6 +309,14 @@ impl MoeBlock {
     }
 }
 
+/// Reject a native top-k outside `1..=e` experts, naming `key` (the family's `num_experts_per_tok`).
+pub fn check_top_k(key: &str, k: usize, e: usize) -> Result<()> {
+    if k == 0 || k > e {
+        return Err(Error::config(key, format!("{k} is outside 1..={e}")));
+    }
+    Ok(())
+}
+
 /// Mixing weights `(n, w)` f32: the probabilities at the chosen ids (`-1` gives 0), renormalised or not,
 /// scaled, as the family's table says for option `r`.
 pub fn mixing_weights(probs: &Tensor, ids: &Tensor, r: Renormalize, table: &MixingTable) -> Result<Tensor> {
