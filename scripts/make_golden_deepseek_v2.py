@@ -183,6 +183,27 @@ def char_tokenizer(path, vocab_size):
     tok.save(path)
 
 
+def reference_forward(model, spec, vocab_size, gen, hooks):
+    """transformers' f32 logits for the case's padded batch (positions counted over real tokens, as the Rust
+    models do); removes the router hooks afterwards. Returns (ids, mask, logits)."""
+    ids, mask = make_inputs(spec["batch"], spec.get("padding"), vocab_size, gen)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits.float()
+    for h in hooks:
+        h.remove()
+    assert torch.isfinite(logits[mask.bool()]).all()
+    return ids, mask, logits
+
+
+def save_golden(out_dir, golden, tokenizer, vocab_size):
+    """Write golden.safetensors (and a character tokenizer if asked); return the case's file sizes."""
+    save_file(golden, os.path.join(out_dir, "golden.safetensors"))
+    if tokenizer:
+        char_tokenizer(os.path.join(out_dir, "tokenizer.json"), vocab_size)
+    return {f: os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir)}
+
+
 def build(case, spec, seed):
     cfg = dict(BASE)
     cfg.update(spec["cfg"])
@@ -229,13 +250,7 @@ def build(case, spec, seed):
                 routes[i] = (logits.detach().clone(), weights.detach().clone(), ids.detach().clone())
             hooks.append(layer.mlp.gate.register_forward_hook(hook))
 
-    ids, mask = make_inputs(spec["batch"], spec.get("padding"), cfg["vocab_size"], gen)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits.float()
-    for h in hooks:
-        h.remove()
-    assert torch.isfinite(logits[mask.bool()]).all()
+    ids, mask, logits = reference_forward(model, spec, cfg["vocab_size"], gen, hooks)
 
     valid = mask.reshape(-1).bool()
     k = cfg["num_experts_per_tok"]
@@ -266,18 +281,20 @@ def build(case, spec, seed):
         assert torch.equal(top_sorted, probs.topk(k, -1).indices), "router ids are the top-k of the masked probs"
         top_sorted[~valid] = -1
         golden[f"router_ids.layer{i}"] = top_sorted.contiguous()
-    save_file(golden, os.path.join(out_dir, "golden.safetensors"))
-    if spec.get("tokenizer"):
-        char_tokenizer(os.path.join(out_dir, "tokenizer.json"), cfg["vocab_size"])
-    sizes = {f: os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir)}
+    sizes = save_golden(out_dir, golden, spec.get("tokenizer"), cfg["vocab_size"])
     print(f"{case}: seed {seed}, scale {attn.scaling:.6f}, cos/sin factor {attention_factor:.6f}, files {sizes}")
     return True
 
 
-def main():
+def check_pinned():
+    """Refuse to write references with another transformers than the pinned one; one thread, as the tests."""
     if transformers.__version__ != PINNED:
         sys.exit(f"transformers {transformers.__version__} != pinned {PINNED}")
     torch.set_num_threads(1)
+
+
+def main():
+    check_pinned()
     original_forward = mdv2.DeepseekV2TopkRouter.forward
     for n, (case, spec) in enumerate(CASES.items()):
         # Patch the router only where transformers departs from DeepSeek (norm_topk_prob true).

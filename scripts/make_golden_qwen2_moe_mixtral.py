@@ -39,12 +39,11 @@ import os
 import sys
 
 import torch
-import transformers
 from safetensors.torch import save_file
 from transformers import MixtralForCausalLM, Qwen2MoeForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_golden_deepseek_v2 import PINNED, char_tokenizer, hub_state_dict, make_inputs, randomize  # noqa: E402
+from make_golden_deepseek_v2 import check_pinned, hub_state_dict, randomize, reference_forward, save_golden  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "moe-models", "tests", "fixtures")
 
@@ -151,13 +150,7 @@ def build(family, case, spec, seed):
                 routes[i] = (out[0].detach().clone(), out[2].detach().clone())
             hooks.append(gate.register_forward_hook(hook))
 
-    ids, mask = make_inputs(spec["batch"], spec["padding"], cfg["vocab_size"], gen)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits.float()
-    for h in hooks:
-        h.remove()
-    assert torch.isfinite(logits[mask.bool()]).all()
+    ids, mask, logits = reference_forward(model, spec, cfg["vocab_size"], gen, hooks)
 
     valid = mask.reshape(-1).bool()
     k = cfg["num_experts_per_tok"]
@@ -168,21 +161,14 @@ def build(family, case, spec, seed):
         if (ps[valid, :k] - ps[valid, 1: k + 1]).min() < 1e-4:
             return False
         assert torch.equal(top, probs.topk(k, -1).indices), "router ids are the top-k of the probabilities, in order"
-        top = top.clone()
-        top[~valid] = -1
-        golden[f"router_ids.layer{i}"] = top.contiguous()
-    save_file(golden, os.path.join(out_dir, "golden.safetensors"))
-    if spec.get("tokenizer"):
-        char_tokenizer(os.path.join(out_dir, "tokenizer.json"), cfg["vocab_size"])
-    sizes = {f: os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir)}
+        golden[f"router_ids.layer{i}"] = torch.where(valid[:, None], top, -1).contiguous()
+    sizes = save_golden(out_dir, golden, spec.get("tokenizer"), cfg["vocab_size"])
     print(f"{family}/{case}: seed {seed}, MoE layers {sorted(routes)}, files {sizes}")
     return True
 
 
 def main():
-    if transformers.__version__ != PINNED:
-        sys.exit(f"transformers {transformers.__version__} != pinned {PINNED}")
-    torch.set_num_threads(1)
+    check_pinned()
     for n, ((family, case), spec) in enumerate(CASES.items()):
         for seed in range(1000 * n, 1000 * n + 200):
             if build(family, case, spec, seed):

@@ -36,16 +36,15 @@
 //! | `model.norm.weight`, `lm_head.weight` | `Decoder::{norm, lm_head}` |
 
 use serde::Deserialize;
-use serde_json::Value;
 use tch::Tensor;
 
 use crate::cache::KvCache;
 use crate::ctx::{ForwardCtx, MlaPath};
 use crate::error::{Error, Result, TorchContext};
 use crate::layers::attention::{eager_attention, StepPlan};
-use crate::layers::decoder::{family_info, with_tokens, Decoder, Ffn, SelfAttention, StackSpec, Step};
+use crate::layers::decoder::{family_info, CommonConfig, Decoder, Ffn, Loaded, SelfAttention, StackSpec, Step};
 use crate::layers::mlp::Mlp;
-use crate::layers::moe::{MixingTable, MoeBlock, TopkMethod, SWIGLU_NAMES};
+use crate::layers::moe::{check_top_k, MixingTable, MoeBlock, TopkMethod, SWIGLU_NAMES};
 use crate::layers::rotary::{yarn_mscale, RopeSpec, RopeStyle, Rotary};
 use crate::layers::{Linear, RmsNorm};
 use crate::loader::VarBuilder;
@@ -55,7 +54,6 @@ fn d_hidden() -> usize { 4096 }
 fn d_inter() -> usize { 11008 }
 fn d_layers() -> usize { 32 }
 fn d_heads() -> usize { 32 }
-fn d_act() -> String { "silu".into() }
 fn d_maxpos() -> usize { 2048 }
 fn d_eps() -> f64 { 1e-6 }
 fn d_kv_lora() -> usize { 512 }
@@ -77,8 +75,9 @@ fn d_moe_inter() -> usize { 1407 }
 #[derive(Debug, Clone, Deserialize)]
 #[allow(missing_docs)] // fields are config.json's keys; transformers documents them
 pub struct Config {
-    #[serde(default)]
-    pub model_type: Option<String>,
+    /// `model_type`, `hidden_act`, `tie_word_embeddings`, the rope keys, `quantization_config`, special tokens.
+    #[serde(flatten)]
+    pub common: CommonConfig,
     #[serde(default = "d_vocab")]
     pub vocab_size: usize,
     #[serde(default = "d_hidden")]
@@ -91,20 +90,10 @@ pub struct Config {
     pub num_attention_heads: usize,
     #[serde(default)]
     pub num_key_value_heads: Option<usize>,
-    #[serde(default = "d_act")]
-    pub hidden_act: String,
     #[serde(default = "d_maxpos")]
     pub max_position_embeddings: usize,
     #[serde(default = "d_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
-    #[serde(default)]
-    pub rope_theta: Option<f64>,
-    #[serde(default)]
-    pub rope_scaling: Option<Value>,
-    #[serde(default)]
-    pub rope_parameters: Option<Value>,
     #[serde(default)]
     pub rope_interleave: Option<bool>,
     #[serde(default)]
@@ -147,12 +136,6 @@ pub struct Config {
     pub moe_intermediate_size: usize,
     #[serde(default)]
     pub ep_size: Option<usize>,
-    #[serde(default)]
-    pub quantization_config: Option<Value>,
-    #[serde(default)]
-    pub bos_token_id: Option<i64>,
-    #[serde(default)]
-    pub eos_token_id: Option<Value>,
 }
 
 fn bad(key: &str, msg: impl Into<String>) -> Error {
@@ -162,22 +145,13 @@ fn bad(key: &str, msg: impl Into<String>) -> Error {
 impl Config {
     /// Check what we implement; every rejection names the key.
     pub fn validate(&self) -> Result<()> {
-        if let Some(t) = &self.model_type {
-            if t != "deepseek_v2" {
-                return Err(bad("model_type", format!("`{t}` is not deepseek_v2")));
-            }
-        }
-        if self.hidden_act != "silu" {
-            return Err(bad("hidden_act", format!("`{}` is not implemented (silu only)", self.hidden_act)));
-        }
+        self.common.validate("deepseek_v2")?;
         if self.scoring_func != "softmax" {
             return Err(bad("scoring_func", format!("`{}` is not implemented (softmax only)", self.scoring_func)));
         }
         let e = self.n_routed_experts.filter(|&e| e > 0).ok_or_else(|| bad("n_routed_experts", "must be a positive number"))?;
         let k = self.num_experts_per_tok.ok_or_else(|| bad("num_experts_per_tok", "missing"))?;
-        if k == 0 || k > e {
-            return Err(bad("num_experts_per_tok", format!("{k} is outside 1..={e}")));
-        }
+        check_top_k("num_experts_per_tok", k, e)?;
         match self.topk_method.as_str() {
             "greedy" => {}
             "group_limited_greedy" => {
@@ -205,9 +179,6 @@ impl Config {
         if self.mlp_bias {
             return Err(bad("mlp_bias", "biases in MLPs are not implemented"));
         }
-        if self.quantization_config.is_some() {
-            return Err(bad("quantization_config", "quantized checkpoints are not supported"));
-        }
         if self.ep_size.is_some_and(|s| s != 1) {
             return Err(bad("ep_size", "expert parallelism is not supported"));
         }
@@ -229,12 +200,7 @@ impl Config {
 
     /// The resolved rope settings.
     pub fn rope(&self) -> Result<RopeSpec> {
-        RopeSpec::from_config(
-            self.rope_theta,
-            self.rope_scaling.as_ref(),
-            self.rope_parameters.as_ref(),
-            self.max_position_embeddings,
-        )
+        self.common.rope(10000.0, self.max_position_embeddings)
     }
 
     /// Whether layer `i` is MoE (DeepSeek's rule).
@@ -408,13 +374,7 @@ impl SelfAttention for Attention {
 }
 
 /// A loaded DeepSeek-V2 model.
-#[derive(Debug)]
-pub struct Model {
-    /// The parsed config.
-    pub config: Config,
-    /// Embedding, layers (MLA attention), final norm, LM head.
-    pub decoder: Decoder<Attention>,
-}
+pub type Model = Loaded<Config, Attention>;
 
 impl Model {
     /// Build from a parsed config and a var-builder at the checkpoint root; every checkpoint tensor
@@ -431,21 +391,11 @@ impl Model {
             },
             _ => TopkMethod::Greedy,
         };
-        let spec = StackSpec {
-            vocab_size: c.vocab_size as i64,
-            hidden_size: h,
-            rms_norm_eps: c.rms_norm_eps,
-            tie_word_embeddings: c.tie_word_embeddings,
-            sliding_window: None,
-        };
+        let spec = StackSpec::new(c.vocab_size, c.hidden_size, c.rms_norm_eps, &c.common);
         let rotary = Rotary::new(&c.rope()?, c.qk_rope_head_dim, RopeStyle::Interleaved, root.device())?;
-        let info = family_info(
-            "deepseek_v2",
-            c.num_experts_per_tok.unwrap_or(0),
-            c.n_shared_experts.unwrap_or(0),
-            c.kv_lora_rank + c.qk_rope_head_dim,
-        );
-        let info = with_tokens(info, c.max_position_embeddings, c.bos_token_id, c.eos_token_id.as_ref());
+        let (k, shared) = (c.num_experts_per_tok.unwrap_or(0), c.n_shared_experts.unwrap_or(0));
+        let kv_values = c.kv_lora_rank + c.qk_rope_head_dim;
+        let info = family_info(&c.common, "deepseek_v2", k, shared, kv_values, c.max_position_embeddings);
         let decoder = Decoder::load(root, spec, c.num_hidden_layers, rotary, info, |i, lv| {
             let mv = lv.pp("mlp");
             let mlp = if c.is_moe_layer(i) {

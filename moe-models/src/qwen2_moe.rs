@@ -26,130 +26,92 @@
 //! | `model.norm.weight`, `lm_head.weight` | `Decoder::{norm, lm_head}` |
 
 use serde::Deserialize;
-use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::layers::attention::{GqaAttention, GqaShape};
-use crate::layers::decoder::{family_info, with_tokens, Decoder, Ffn, StackSpec};
+use crate::layers::decoder::{family_info, CommonConfig, Decoder, Ffn, Loaded, StackSpec};
 use crate::layers::mlp::Mlp;
-use crate::layers::moe::{MixingTable, MoeBlock, SWIGLU_NAMES};
+use crate::layers::moe::{check_top_k, MixingTable, MoeBlock, SWIGLU_NAMES};
 use crate::layers::rotary::{RopeSpec, RopeStyle, Rotary};
 use crate::layers::Linear;
 use crate::loader::VarBuilder;
 
-fn d_vocab() -> usize { 151936 }
-fn d_hidden() -> usize { 2048 }
-fn d_inter() -> usize { 5632 }
-fn d_layers() -> usize { 24 }
-fn d_heads() -> usize { 16 }
-fn d_kv_heads() -> usize { 16 }
-fn d_act() -> String { "silu".into() }
-fn d_maxpos() -> usize { 32768 }
-fn d_eps() -> f64 { 1e-6 }
-fn d_window() -> Option<usize> { Some(4096) }
-fn d_window_layers() -> usize { 28 }
-fn d_one() -> usize { 1 }
-fn d_moe_inter() -> usize { 1408 }
-fn d_shared_inter() -> usize { 5632 }
-fn d_k() -> usize { 4 }
-fn d_experts() -> usize { 60 }
-fn d_true() -> bool { true }
-
-/// config.json of a Qwen2-MoE checkpoint, key by key, with transformers 5.17.0's defaults. Keys that do
-/// not change inference (`initializer_range`, `router_aux_loss_coef`, `output_router_logits`,
-/// `attention_dropout`, `use_cache`) are ignored.
+/// config.json of a Qwen2-MoE checkpoint, key by key (transformers' `Qwen2MoeConfig` order), with
+/// transformers 5.17.0's defaults (the [`Default`] impl). Keys that do not change inference
+/// (`initializer_range`, `router_aux_loss_coef`, `output_router_logits`, `attention_dropout`,
+/// `use_cache`) are ignored.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 #[allow(missing_docs)] // fields are config.json's keys; transformers documents them
 pub struct Config {
-    #[serde(default)]
-    pub model_type: Option<String>,
-    #[serde(default = "d_vocab")]
+    /// `model_type`, `hidden_act`, `tie_word_embeddings`, the rope keys, `quantization_config`, special tokens.
+    #[serde(flatten)]
+    pub common: CommonConfig,
     pub vocab_size: usize,
-    #[serde(default = "d_hidden")]
     pub hidden_size: usize,
-    #[serde(default = "d_inter")]
     pub intermediate_size: usize,
-    #[serde(default = "d_layers")]
     pub num_hidden_layers: usize,
-    #[serde(default = "d_heads")]
     pub num_attention_heads: usize,
-    #[serde(default = "d_kv_heads")]
     pub num_key_value_heads: usize,
     /// Not in transformers' class, but honoured when config.json sets it (`getattr(config, "head_dim")`).
-    #[serde(default)]
     pub head_dim: Option<usize>,
-    #[serde(default = "d_act")]
-    pub hidden_act: String,
-    #[serde(default = "d_maxpos")]
     pub max_position_embeddings: usize,
-    #[serde(default = "d_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
-    #[serde(default)]
-    pub rope_theta: Option<f64>,
-    #[serde(default)]
-    pub rope_scaling: Option<Value>,
-    #[serde(default)]
-    pub rope_parameters: Option<Value>,
-    #[serde(default)]
     pub use_sliding_window: bool,
-    #[serde(default = "d_window")]
     pub sliding_window: Option<usize>,
-    #[serde(default = "d_window_layers")]
     pub max_window_layers: usize,
-    #[serde(default)]
-    pub layer_types: Option<Vec<String>>,
-    #[serde(default = "d_one")]
     pub decoder_sparse_step: usize,
-    #[serde(default = "d_moe_inter")]
     pub moe_intermediate_size: usize,
-    #[serde(default = "d_shared_inter")]
     pub shared_expert_intermediate_size: usize,
-    #[serde(default = "d_k")]
     pub num_experts_per_tok: usize,
-    #[serde(default = "d_experts")]
     pub num_experts: usize,
-    #[serde(default)]
     pub norm_topk_prob: bool,
-    #[serde(default)]
     pub mlp_only_layers: Option<Vec<usize>>,
-    #[serde(default = "d_true")]
     pub qkv_bias: bool,
-    #[serde(default)]
-    pub quantization_config: Option<Value>,
-    #[serde(default)]
-    pub bos_token_id: Option<i64>,
-    #[serde(default)]
-    pub eos_token_id: Option<Value>,
+    pub layer_types: Option<Vec<String>>,
+}
+
+impl Default for Config {
+    /// `Qwen2MoeConfig()` (the Qwen1.5-MoE-A2.7B shapes, 32k positions).
+    fn default() -> Self {
+        Self {
+            common: CommonConfig::default(),
+            vocab_size: 151936,
+            hidden_size: 2048,
+            intermediate_size: 5632,
+            num_hidden_layers: 24,
+            num_attention_heads: 16,
+            num_key_value_heads: 16,
+            head_dim: None,
+            max_position_embeddings: 32768,
+            rms_norm_eps: 1e-6,
+            use_sliding_window: false,
+            sliding_window: Some(4096),
+            max_window_layers: 28,
+            decoder_sparse_step: 1,
+            moe_intermediate_size: 1408,
+            shared_expert_intermediate_size: 5632,
+            num_experts_per_tok: 4,
+            num_experts: 60,
+            norm_topk_prob: false,
+            mlp_only_layers: None,
+            qkv_bias: true,
+            layer_types: None,
+        }
+    }
 }
 
 impl Config {
     /// Check what we implement; every rejection names the key.
     pub fn validate(&self) -> Result<()> {
-        if let Some(t) = self.model_type.as_deref().filter(|t| *t != "qwen2_moe") {
-            return Err(Error::config("model_type", format!("`{t}` is not qwen2_moe")));
-        }
-        if self.hidden_act != "silu" {
-            return Err(Error::config("hidden_act", format!("`{}` is not implemented (silu only)", self.hidden_act)));
-        }
-        let (e, k) = (self.num_experts, self.num_experts_per_tok);
-        if e > 0 && (k == 0 || k > e) {
-            return Err(Error::config("num_experts_per_tok", format!("{k} is outside 1..={e}")));
+        self.common.validate("qwen2_moe")?;
+        if self.num_experts > 0 {
+            check_top_k("num_experts_per_tok", self.num_experts_per_tok, self.num_experts)?;
         }
         if self.decoder_sparse_step == 0 {
             return Err(Error::config("decoder_sparse_step", "must be at least 1"));
         }
-        let (n, kv) = (self.num_attention_heads, self.num_key_value_heads);
-        if kv == 0 || n % kv != 0 {
-            return Err(Error::config("num_key_value_heads", format!("{kv} does not divide num_attention_heads {n}")));
-        }
-        if self.head_dim() % 2 == 1 {
-            return Err(Error::config("head_dim", "must be even (rotary pairs)"));
-        }
-        if self.quantization_config.is_some() {
-            return Err(Error::config("quantization_config", "quantized checkpoints are not supported"));
-        }
+        self.attention().validate()?;
         if let Some(types) = &self.layer_types {
             if types.len() != self.num_hidden_layers {
                 return Err(Error::config("layer_types", format!("{} entries for {} layers", types.len(), self.num_hidden_layers)));
@@ -165,9 +127,20 @@ impl Config {
         Ok(())
     }
 
-    /// The resolved rope settings.
+    /// The resolved rope settings (base 10000 when config.json names none).
     pub fn rope(&self) -> Result<RopeSpec> {
-        RopeSpec::from_config(self.rope_theta, self.rope_scaling.as_ref(), self.rope_parameters.as_ref(), self.max_position_embeddings)
+        self.common.rope(10000.0, self.max_position_embeddings)
+    }
+
+    /// The attention's sizes: q/k/v biases iff `qkv_bias`.
+    pub fn attention(&self) -> GqaShape {
+        GqaShape {
+            hidden: self.hidden_size as i64,
+            heads: self.num_attention_heads as i64,
+            kv_heads: self.num_key_value_heads as i64,
+            head_dim: self.head_dim() as i64,
+            qkv_bias: self.qkv_bias,
+        }
     }
 
     /// `head_dim`, else `hidden_size / num_attention_heads`.
@@ -203,13 +176,7 @@ impl Config {
 }
 
 /// A loaded Qwen2-MoE model.
-#[derive(Debug)]
-pub struct Model {
-    /// The parsed config.
-    pub config: Config,
-    /// Embedding, layers, final norm, LM head.
-    pub decoder: Decoder<GqaAttention>,
-}
+pub type Model = Loaded<Config, GqaAttention>;
 
 impl Model {
     /// Build from a parsed config and a var-builder at the checkpoint root; every checkpoint tensor
@@ -218,24 +185,10 @@ impl Model {
         config.validate()?;
         let c = &config;
         let (h, hd) = (c.hidden_size as i64, c.head_dim());
-        let shape = GqaShape {
-            hidden: h,
-            heads: c.num_attention_heads as i64,
-            kv_heads: c.num_key_value_heads as i64,
-            head_dim: hd as i64,
-            qkv_bias: c.qkv_bias,
-        };
-        let spec = StackSpec {
-            vocab_size: c.vocab_size as i64,
-            hidden_size: h,
-            rms_norm_eps: c.rms_norm_eps,
-            tie_word_embeddings: c.tie_word_embeddings,
-            sliding_window: c.window().map(|w| w as i64),
-        };
+        let spec = StackSpec::new(c.vocab_size, c.hidden_size, c.rms_norm_eps, &c.common).sliding(c.window());
         let rotary = Rotary::new(&c.rope()?, hd, RopeStyle::HalfSplit, root.device())?;
-        let n_shared = usize::from(c.num_experts > 0);
-        let info = family_info("qwen2_moe", c.num_experts_per_tok, n_shared, 2 * c.num_key_value_heads * hd);
-        let info = with_tokens(info, c.max_position_embeddings, c.bos_token_id, c.eos_token_id.as_ref());
+        let (k, n_shared) = (c.num_experts_per_tok, usize::from(c.num_experts > 0));
+        let info = family_info(&c.common, "qwen2_moe", k, n_shared, 2 * c.num_key_value_heads * hd, c.max_position_embeddings);
         let (e, mi, si) = (c.num_experts as i64, c.moe_intermediate_size as i64, c.shared_expert_intermediate_size as i64);
         let decoder = Decoder::load(root, spec, c.num_hidden_layers, rotary, info, |i, lv| {
             let mv = lv.pp("mlp");
@@ -247,7 +200,7 @@ impl Model {
             } else {
                 Ffn::Dense(Mlp::load(&mv, h, c.intermediate_size as i64)?)
             };
-            Ok((GqaAttention::load(&lv.pp("self_attn"), shape, c.is_sliding_layer(i))?, mlp))
+            Ok((GqaAttention::load(&lv.pp("self_attn"), c.attention(), c.is_sliding_layer(i))?, mlp))
         })?;
         Ok(Self { config, decoder })
     }
@@ -258,8 +211,13 @@ mod tests {
     use super::*;
     use crate::layers::moe::Mixing;
 
+    /// Qwen1.5-MoE-A2.7B's hub config.json, the shapes of the H200 speed run.
+    const A2_7B: &str = include_str!("../configs/qwen1.5_moe_a2.7b.json");
+
     fn a2_7b() -> Config {
-        serde_json::from_str(include_str!("../configs/qwen1.5_moe_a2.7b.json")).expect("A2.7B config")
+        let c: Config = serde_json::from_str(A2_7B).expect("A2.7B config");
+        assert_eq!(c.common.model_type.as_deref(), Some("qwen2_moe"));
+        c
     }
 
     #[test]

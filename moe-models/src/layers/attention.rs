@@ -154,16 +154,25 @@ pub struct GqaAttention {
     pub sliding: bool,
 }
 
+impl GqaShape {
+    /// Reject head counts and sizes the attention cannot run, naming the config key.
+    pub fn validate(&self) -> Result<()> {
+        let (n, kv) = (self.heads, self.kv_heads);
+        if kv <= 0 || n % kv != 0 {
+            return Err(Error::config("num_key_value_heads", format!("{kv} does not divide num_attention_heads {n}")));
+        }
+        if self.head_dim <= 0 || self.head_dim % 2 == 1 {
+            return Err(Error::config("head_dim", format!("{} is not a positive even size (rotary pairs)", self.head_dim)));
+        }
+        Ok(())
+    }
+}
+
 impl GqaAttention {
     /// Load the four projections from `vb` (at `...self_attn`).
     pub fn load(vb: &VarBuilder<'_>, shape: GqaShape, sliding: bool) -> Result<Self> {
+        shape.validate()?;
         let GqaShape { hidden, heads, kv_heads, head_dim, qkv_bias } = shape;
-        if heads % kv_heads != 0 {
-            return Err(Error::Config {
-                key: "num_key_value_heads".into(),
-                msg: format!("{kv_heads} does not divide num_attention_heads {heads}"),
-            });
-        }
         Ok(Self {
             q_proj: Linear::load(&vb.pp("q_proj"), hidden, heads * head_dim, qkv_bias)?,
             k_proj: Linear::load(&vb.pp("k_proj"), hidden, kv_heads * head_dim, qkv_bias)?,

@@ -4,16 +4,17 @@
 //! builds each layer's [`Ffn`] and its [`ModelInfo`]; this module owns the loop, the per-forward
 //! [`Step`] (positions, masks, rotary cos/sin, token facts) and the cache commit.
 
+use serde::Deserialize;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use super::attention::StepPlan;
 use super::mlp::Mlp;
 use super::moe::{MoeBlock, TokenInfo};
-use super::rotary::Rotary;
+use super::rotary::{RopeSpec, Rotary};
 use super::RmsNorm;
 use crate::ctx::ForwardCtx;
-use crate::error::{Result, TorchContext};
+use crate::error::{Error, Result, TorchContext};
 use crate::loader::VarBuilder;
 use crate::model::ModelInfo;
 
@@ -86,6 +87,35 @@ pub struct StackSpec {
     pub tie_word_embeddings: bool,
     /// Attention window of the layers that slide (`sliding_window`), `None` for none.
     pub sliding_window: Option<i64>,
+}
+
+impl StackSpec {
+    /// The spec for a config's sizes and tying, without a sliding window.
+    pub fn new(vocab_size: usize, hidden_size: usize, rms_norm_eps: f64, common: &CommonConfig) -> Self {
+        Self {
+            vocab_size: vocab_size as i64,
+            hidden_size: hidden_size as i64,
+            rms_norm_eps,
+            tie_word_embeddings: common.tie_word_embeddings,
+            sliding_window: None,
+        }
+    }
+
+    /// With the sliding layers' window (`None`: no layer slides).
+    pub fn sliding(mut self, window: Option<usize>) -> Self {
+        self.sliding_window = window.map(|w| w as i64);
+        self
+    }
+}
+
+/// A loaded model of one family: its parsed config and its decoder stack (each family file names its
+/// own `Model` as this type with its config and attention, and implements `load` for it).
+#[derive(Debug)]
+pub struct Loaded<C, A> {
+    /// The parsed config.
+    pub config: C,
+    /// Embedding, layers, final norm, LM head.
+    pub decoder: Decoder<A>,
 }
 
 /// The decoder stack of a loaded model.
@@ -210,8 +240,101 @@ impl<A: SelfAttention> Decoder<A> {
     }
 }
 
-/// A [`ModelInfo`] with the family's own facts; [`Decoder::load`] fills in the rest.
-pub fn family_info(model_type: &str, native_k: usize, n_shared_experts: usize, kv_values_per_token_per_layer: usize) -> ModelInfo {
+/// The config.json keys every family reads alike and defaults alike in transformers (silu, false, none);
+/// a family's `Config` embeds it with `#[serde(flatten)]`, so it still mirrors config.json key by key.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CommonConfig {
+    /// `model_type`.
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// `hidden_act` (silu only).
+    #[serde(default = "silu")]
+    pub hidden_act: String,
+    /// `tie_word_embeddings`.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// `rope_theta` (legacy top-level key).
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// `rope_scaling` (legacy dict).
+    #[serde(default)]
+    pub rope_scaling: Option<Value>,
+    /// `rope_parameters` (transformers 5).
+    #[serde(default)]
+    pub rope_parameters: Option<Value>,
+    /// `quantization_config` (rejected when present).
+    #[serde(default)]
+    pub quantization_config: Option<Value>,
+    /// `bos_token_id`.
+    #[serde(default)]
+    pub bos_token_id: Option<i64>,
+    /// `eos_token_id`: a number or a list.
+    #[serde(default)]
+    pub eos_token_id: Option<Value>,
+}
+
+impl Default for CommonConfig {
+    /// What an empty config.json gives.
+    fn default() -> Self {
+        Self {
+            model_type: None,
+            hidden_act: silu(),
+            tie_word_embeddings: false,
+            rope_theta: None,
+            rope_scaling: None,
+            rope_parameters: None,
+            quantization_config: None,
+            bos_token_id: None,
+            eos_token_id: None,
+        }
+    }
+}
+
+fn silu() -> String {
+    "silu".into()
+}
+
+impl CommonConfig {
+    /// Reject what no family implements; `family` is the `model_type` the config must have if it names one.
+    pub fn validate(&self, family: &str) -> Result<()> {
+        if let Some(t) = self.model_type.as_deref().filter(|t| *t != family) {
+            return Err(Error::config("model_type", format!("`{t}` is not {family}")));
+        }
+        if self.hidden_act != "silu" {
+            return Err(Error::config("hidden_act", format!("`{}` is not implemented (silu only)", self.hidden_act)));
+        }
+        if self.quantization_config.is_some() {
+            return Err(Error::config("quantization_config", "quantized checkpoints are not supported"));
+        }
+        Ok(())
+    }
+
+    /// The resolved rope settings; `default_theta` when config.json names no base.
+    pub fn rope(&self, default_theta: f64, max_position_embeddings: usize) -> Result<RopeSpec> {
+        let theta = self.rope_theta.or(Some(default_theta));
+        RopeSpec::from_config(theta, self.rope_scaling.as_ref(), self.rope_parameters.as_ref(), max_position_embeddings)
+    }
+
+    /// `eos_token_id` as a list.
+    pub fn eos_token_ids(&self) -> Vec<i64> {
+        match &self.eos_token_id {
+            Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
+            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_i64()).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// A [`ModelInfo`] with a family's own facts and `common`'s special tokens; [`Decoder::load`] fills in
+/// the shapes (layers, experts, vocabulary, hidden size, dtype, device).
+pub fn family_info(
+    common: &CommonConfig,
+    model_type: &str,
+    native_k: usize,
+    n_shared_experts: usize,
+    kv_values_per_token_per_layer: usize,
+    max_position_embeddings: usize,
+) -> ModelInfo {
     ModelInfo {
         model_type: model_type.into(),
         num_layers: 0,
@@ -221,24 +344,11 @@ pub fn family_info(model_type: &str, native_k: usize, n_shared_experts: usize, k
         native_k,
         vocab_size: 0,
         hidden_size: 0,
-        max_position_embeddings: 0,
-        bos_token_id: None,
-        eos_token_ids: Vec::new(),
+        max_position_embeddings,
+        bos_token_id: common.bos_token_id,
+        eos_token_ids: common.eos_token_ids(),
         kv_values_per_token_per_layer,
         kind: Kind::Float,
         device: Device::Cpu,
     }
-}
-
-/// Special-token facts shared by every config.json: `max_position_embeddings`, `bos_token_id` and
-/// `eos_token_id` (a number or a list).
-pub fn with_tokens(mut info: ModelInfo, max_position_embeddings: usize, bos: Option<i64>, eos: Option<&Value>) -> ModelInfo {
-    info.max_position_embeddings = max_position_embeddings;
-    info.bos_token_id = bos;
-    info.eos_token_ids = match eos {
-        Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
-        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_i64()).collect(),
-        _ => Vec::new(),
-    };
-    info
 }
