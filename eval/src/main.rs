@@ -30,6 +30,8 @@ enum Command {
     Route(cmd::route::Args),
     /// The main job: methods x budgets x tasks, with results, figures and a summary table.
     Sweep(cmd::sweep::Args),
+    /// Measure a checkpoint's per-layer sensitivity profile (Alloc-L's input) on calibration text.
+    Profile(cmd::profile::Args),
     /// Write a checkpoint's logits and per-layer router ids for given token ids (safetensors).
     Logits(cmd::logits::Args),
     /// Greedy generation with the KV cache, for a human check of a checkpoint.
@@ -45,6 +47,7 @@ fn main() -> std::process::ExitCode {
         Command::Plot(args) => cmd::plot::run(args),
         Command::Route(args) => cmd::route::run(args),
         Command::Sweep(args) => cmd::sweep::run(args),
+        Command::Profile(args) => cmd::profile::run(args),
         Command::Logits(args) => cmd::logits::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Speed(args) => cmd::speed::run(args),

@@ -3,6 +3,7 @@
 pub mod generate;
 pub mod logits;
 pub mod plot;
+pub mod profile;
 pub mod route;
 pub mod solve;
 pub mod speed;

@@ -113,7 +113,15 @@ pub fn resolve_spec(args: &Args) -> Result<SweepSpec> {
     s.resolve(Path::new("models"))
 }
 
-fn parse_device(s: &str) -> Result<Device> {
+/// The models a TOML spec names, if a spec file is given and names any.
+fn spec_models_from_file(args: &Args) -> Option<Vec<PathBuf>> {
+    let p = args.spec.as_ref()?;
+    let s = SweepSpec::from_toml_file(p).ok()?;
+    (!s.models.is_empty()).then_some(s.models)
+}
+
+/// Parse `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Ok(Device::Cuda(0)),
@@ -124,7 +132,8 @@ fn parse_device(s: &str) -> Result<Device> {
     }
 }
 
-fn parse_kind(s: &str) -> Result<Kind> {
+/// Parse `f32`, `bf16` or `f16`.
+pub fn parse_kind(s: &str) -> Result<Kind> {
     Ok(match s {
         "f32" | "float32" => Kind::Float,
         "bf16" | "bfloat16" => Kind::BFloat16,
@@ -155,10 +164,18 @@ pub fn run(args: Args) -> Result<()> {
     let provenance = Provenance::collect();
     let run_id = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "sweep".into());
     eprintln!("sweep: {} model(s), results in {}", spec.models.len(), out.display());
+    let discovered = args.models.is_empty() && spec_models_from_file(&args).is_none();
     for model_dir in &spec.models {
         let ctx = RunCtx { spec: &spec, spec_json: &spec_json, out: &out, provenance: &provenance, run_id: &run_id, args: &args };
-        run_model(&ctx, model_dir, &methods, &tasks, device, kind, renormalize, &mut results)
-            .with_context(|| format!("model {}", model_dir.display()))?;
+        match run_model(&ctx, model_dir, &methods, &tasks, device, kind, renormalize, &mut results) {
+            Ok(()) => {}
+            // A model found under models/ whose family this build does not implement is skipped with a
+            // note; one named explicitly is an error.
+            Err(e) if discovered && e.downcast_ref::<moe_models::Error>().is_some_and(|e| matches!(e, moe_models::Error::UnsupportedModel(_))) => {
+                eprintln!("sweep: skipping {}: {e:#}", model_dir.display());
+            }
+            Err(e) => return Err(e.context(format!("model {}", model_dir.display()))),
+        }
     }
     results.write_csv(&out.join("results.csv"))?;
     let figures = crate::cmd::plot::plot_dir(&out)?;
@@ -176,14 +193,16 @@ struct RunCtx<'a> {
     args: &'a Args,
 }
 
-fn model_name(dir: &Path) -> String {
+/// The model's name: its directory's name.
+pub fn model_name(dir: &Path) -> String {
     dir.canonicalize()
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| dir.display().to_string())
 }
 
-fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
+/// `tokenizer.json` of the checkpoint, or of its parent directory.
+pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
     if dir.join("tokenizer.json").is_file() {
         return Ok(moe_models::load_tokenizer(dir)?);
     }

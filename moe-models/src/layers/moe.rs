@@ -162,7 +162,7 @@ impl Experts {
             let y = y.f_to_kind(Kind::Float)?.f_mul(&mw)?;
             // Tokens are unique within a group; `index_put_` (accumulating) rather than `index_add`,
             // which is pathologically slow on the CPU.
-            out.f_index_put_(&[Some(&idx)], &y, true)?;
+            let _ = out.f_index_put_(&[Some(&idx)], &y, true)?;
         }
         out.f_to_kind(x.kind()).ctx("moe.experts.per_expert")
     }
