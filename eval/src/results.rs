@@ -128,6 +128,11 @@ impl ResultsFile {
         &self.records
     }
 
+    /// How many records the file holds.
+    pub fn count(&self) -> usize {
+        self.records.len()
+    }
+
     /// Whether `key` already has a record (finished, or failed unless `retry_failed`).
     pub fn is_done(&self, key: &PointKey, retry_failed: bool) -> bool {
         self.records

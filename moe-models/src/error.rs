@@ -28,6 +28,17 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// A JSON file parses, but the value at `key` has the wrong type or is out of range.
+    #[error("{path}: key `{key}` has a bad value")]
+    JsonValue {
+        /// The file.
+        path: PathBuf,
+        /// The innermost key before the bad value (e.g. `hidden_size`, or `factor` inside `rope_scaling`).
+        key: String,
+        /// serde_json's error (what was expected, line and column).
+        #[source]
+        source: serde_json::Error,
+    },
     /// A safetensors file has a malformed header or data.
     #[error("malformed safetensors file {path}: {msg}")]
     SafeTensors {

@@ -69,6 +69,29 @@ fn map_file(path: &Path) -> Result<Mmap> {
     unsafe { Mmap::map(&file) }.map_err(|source| Error::Io { path: path.to_path_buf(), source })
 }
 
+/// A readable reason for a safetensors header the crate rejects (its variant names alone are cryptic).
+fn describe_header_error(e: &safetensors::SafeTensorError, file_len: usize) -> String {
+    use safetensors::SafeTensorError as E;
+    let what = match e {
+        E::HeaderTooSmall => "shorter than the 8-byte header length (empty or truncated)",
+        E::InvalidHeaderLength => "its header length field points past the end of the file (truncated or not safetensors)",
+        E::HeaderTooLarge => "its header length field is implausibly large (corrupted or not safetensors)",
+        E::InvalidHeader | E::InvalidHeaderStart | E::InvalidHeaderDeserialization => {
+            "its JSON header is corrupted (not valid UTF-8 JSON)"
+        }
+        E::MetadataIncompleteBuffer => "the tensor data lies outside the file, or does not fill it (truncated or corrupted)",
+        E::InvalidOffset(_) | E::TensorInvalidInfo | E::ValidationOverflow => {
+            "its header gives inconsistent tensor offsets, shapes or dtypes (corrupted)"
+        }
+        _ => "",
+    };
+    if what.is_empty() {
+        format!("{e:?} ({file_len} bytes)")
+    } else {
+        format!("{what} ({e:?}, {file_len} bytes)")
+    }
+}
+
 /// The shard index file's layout.
 #[derive(serde::Deserialize)]
 struct Index {
@@ -80,10 +103,7 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self> {
         let index_path = dir.join(INDEX_FILE);
         if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|source| Error::Io { path: index_path.clone(), source })?;
-            let index: Index =
-                serde_json::from_str(&text).map_err(|source| Error::Json { path: index_path.clone(), source })?;
+            let index: Index = read_json(&index_path)?;
             let mut files: Vec<String> = index.weight_map.values().cloned().collect();
             files.sort();
             files.dedup();
@@ -115,7 +135,7 @@ impl Checkpoint {
         for (i, path) in paths.iter().enumerate() {
             let mmap = map_file(path)?;
             let bad = |msg: String| Error::SafeTensors { path: path.clone(), msg };
-            let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| bad(format!("{e:?}")))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| bad(describe_header_error(&e, mmap.len())))?;
             let data_start = 8 + header_len;
             for (name, info) in meta.tensors() {
                 let (s, e) = info.data_offsets;
@@ -323,10 +343,42 @@ impl<'a> VarBuilder<'a> {
     }
 }
 
-/// Read and parse a JSON file into `T`, naming the file on failure.
+/// Read and parse a JSON file into `T`, naming the file on failure, and the key when the JSON is well
+/// formed but a value has the wrong type or range.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+    serde_json::from_str(&text).map_err(|source| {
+        // serde's "missing field `x`" and "unknown field `x`" already name the key.
+        let msg = source.to_string();
+        let names_key = msg.starts_with("missing field") || msg.starts_with("unknown field");
+        let key = (source.classify() == serde_json::error::Category::Data && !names_key)
+            .then(|| key_before(&text, source.line(), source.column()))
+            .flatten();
+        match key {
+            Some(key) => Error::JsonValue { path: path.to_path_buf(), key, source },
+            None => Error::Json { path: path.to_path_buf(), source },
+        }
+    })
+}
+
+/// The last object key (`"name":`) that starts before 1-based `line`, `column` of `text`: where serde
+/// reports a bad value, the key it belongs to. `None` if there is none (e.g. an error at the top level).
+fn key_before(text: &str, line: usize, column: usize) -> Option<String> {
+    let line_start: usize = text.split_inclusive('\n').take(line.saturating_sub(1)).map(str::len).sum();
+    let end = text.len().min(line_start + column);
+    let head = text.get(..end)?;
+    // Scan back for `"key"` followed by optional whitespace and a colon.
+    let mut search = head;
+    while let Some(colon) = search.rfind(':') {
+        let before = search[..colon].trim_end();
+        if let Some(inner) = before.strip_suffix('"') {
+            if let Some(open) = inner.rfind('"') {
+                return Some(inner[open + 1..].to_string());
+            }
+        }
+        search = &search[..colon];
+    }
+    None
 }
 
 /// Load `tokenizer.json` from a checkpoint directory.
@@ -345,6 +397,33 @@ mod tests {
     fn write_st(path: &Path, tensors: &[(&str, Tensor)]) {
         let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
         Tensor::write_safetensors(&refs, path).expect("write safetensors");
+    }
+
+    #[test]
+    fn a_config_value_of_the_wrong_type_names_its_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("config.json");
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct C {
+            a: usize,
+            inner: Inner,
+        }
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Inner {
+            factor: f64,
+        }
+        std::fs::write(&p, "{\n  \"a\": 1,\n  \"inner\": {\"factor\": \"x\"}\n}").expect("write");
+        let e = read_json::<C>(&p).expect_err("bad type");
+        assert!(matches!(&e, Error::JsonValue { key, .. } if key == "factor"), "{e:?}");
+        std::fs::write(&p, "{\"a\": -1, \"inner\": {\"factor\": 1.0}}").expect("write");
+        assert!(matches!(read_json::<C>(&p), Err(Error::JsonValue { key, .. }) if key == "a"));
+        // A missing field is named by serde itself; a syntax error has no key.
+        std::fs::write(&p, "{\"a\": 1}").expect("write");
+        assert!(matches!(read_json::<C>(&p), Err(Error::Json { .. })));
+        std::fs::write(&p, "{\"a\": ").expect("write");
+        assert!(matches!(read_json::<C>(&p), Err(Error::Json { .. })));
     }
 
     #[test]

@@ -93,6 +93,7 @@ impl Config {
             return Err(Error::config("num_local_experts", "must be positive"));
         }
         check_top_k("num_experts_per_tok", self.num_experts_per_tok, self.num_local_experts)?;
+        crate::layers::attention::check_head_split(self.head_dim, self.hidden_size, self.num_attention_heads)?;
         self.attention().validate()?;
         if self.sliding_window == Some(0) {
             return Err(Error::config("sliding_window", "0 would mask every key; use null for no window"));

@@ -111,6 +111,7 @@ impl Config {
         if self.decoder_sparse_step == 0 {
             return Err(Error::config("decoder_sparse_step", "must be at least 1"));
         }
+        crate::layers::attention::check_head_split(self.head_dim, self.hidden_size, self.num_attention_heads)?;
         self.attention().validate()?;
         if let Some(types) = &self.layer_types {
             if types.len() != self.num_hidden_layers {

@@ -157,17 +157,60 @@ pub fn run(args: Args) -> Result<()> {
     let kind = parse_kind(&spec.dtype)?;
     let renormalize: Renormalize = spec.renormalize.parse().map_err(anyhow::Error::msg)?;
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("results").join(format!("sweep-{}", spec.id())));
+    // Check the text inputs (readable, non-empty, UTF-8) before writing anything, so a bad path fails
+    // before the first model loads and leaves no output behind.
+    text::read_text(&spec.heldout)?;
+    for t in &tasks {
+        if let Task::Text { path, .. } = t {
+            text::read_text(path)?;
+        }
+    }
+    // Read the existing results before writing anything, so a corrupt file leaves the directory as it was.
+    let mut results = ResultsFile::open(&out.join("results.jsonl"))?;
+    let created_dir = !out.exists();
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create results directory {}", out.display()))?;
     let spec_json = serde_json::to_value(&spec)?;
-    write_atomic(&out.join("spec.json"), serde_json::to_string_pretty(&spec_json)?.as_bytes())?;
-    let mut results = ResultsFile::open(&out.join("results.jsonl"))?;
+    let spec_path = out.join("spec.json");
+    let old_spec = std::fs::read(&spec_path).ok();
+    write_atomic(&spec_path, serde_json::to_string_pretty(&spec_json)?.as_bytes())?;
+    let records_before = results.count();
+    let outcome = run_all(&args, &spec, &spec_json, &out, &methods, &tasks, device, kind, renormalize, &mut results);
+    if outcome.is_err() && results.count() == records_before {
+        // Nothing was recorded (a bad checkpoint, tokenizer or text): leave no partial output. Files a
+        // failed run did produce (a measured profile) are kept for the next run; remove_dir only
+        // removes an empty directory.
+        let _ = match old_spec {
+            Some(bytes) => write_atomic(&spec_path, &bytes),
+            None => std::fs::remove_file(&spec_path).map_err(anyhow::Error::from),
+        };
+        if created_dir {
+            let _ = std::fs::remove_dir(&out);
+        }
+    }
+    outcome
+}
+
+/// Every model, then the CSV, the figures and the summary.
+#[allow(clippy::too_many_arguments)]
+fn run_all(
+    args: &Args,
+    spec: &SweepSpec,
+    spec_json: &serde_json::Value,
+    out: &Path,
+    methods: &[Method],
+    tasks: &[Task],
+    device: Device,
+    kind: Kind,
+    renormalize: Renormalize,
+    results: &mut ResultsFile,
+) -> Result<()> {
     let provenance = Provenance::collect();
     let run_id = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "sweep".into());
     eprintln!("sweep: {} model(s), results in {}", spec.models.len(), out.display());
-    let discovered = args.models.is_empty() && spec_models_from_file(&args).is_none();
+    let discovered = args.models.is_empty() && spec_models_from_file(args).is_none();
     for model_dir in &spec.models {
-        let ctx = RunCtx { spec: &spec, spec_json: &spec_json, out: &out, provenance: &provenance, run_id: &run_id, args: &args };
-        match run_model(&ctx, model_dir, &methods, &tasks, device, kind, renormalize, &mut results) {
+        let ctx = RunCtx { spec, spec_json, out, provenance: &provenance, run_id: &run_id, args };
+        match run_model(&ctx, model_dir, methods, tasks, device, kind, renormalize, results) {
             Ok(()) => {}
             // A model found under models/ whose family this build does not implement is skipped with a
             // note; one named explicitly is an error.
@@ -178,8 +221,8 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     results.write_csv(&out.join("results.csv"))?;
-    let figures = crate::cmd::plot::plot_dir(&out)?;
-    print_summary(&results);
+    let figures = crate::cmd::plot::plot_dir(out)?;
+    print_summary(results);
     eprintln!("sweep: wrote {}, {}, {} figure files in {}", out.join("results.jsonl").display(), out.join("results.csv").display(), figures.len(), out.join("figures").display());
     Ok(())
 }
@@ -245,6 +288,8 @@ fn run_model(
     let heldout_text = text::read_text(&spec.heldout)?;
     let calib = text::tokenize_into_sequences(&tokenizer, &heldout_text, spec.seq_len, 0, spec.calib_tokens)?;
     let calib_tokens_used = calib.sequences.len() * spec.seq_len;
+    let tokenizer_check = || format!("tokenizer of {}", dir.display());
+    text::check_vocab(calib.sequences.iter().flatten(), info.vocab_size).with_context(tokenizer_check)?;
 
     let profile = if methods.iter().any(|m| m.needs_profile()) {
         Some(get_profile(rc, &name, &scorer, &shape, &calib.sequences)?)
@@ -272,6 +317,7 @@ fn run_model(
 
     for task in tasks {
         let data = TaskData::prepare(task, spec, &tokenizer, &heldout_text, calib_tokens_used)?;
+        text::check_vocab(data.token_ids(), info.vocab_size).with_context(tokenizer_check)?;
         // Points of this task, full first (the reference for delta_nll).
         let mut points: Vec<(Method, f64)> = Vec::new();
         if methods.contains(&Method::Full) || methods.iter().any(|m| *m != Method::Full) {
@@ -465,6 +511,16 @@ impl TaskData {
                 }
             }
         })
+    }
+
+    /// Every token id the task will feed the model.
+    fn token_ids(&self) -> Box<dyn Iterator<Item = &i64> + '_> {
+        match self {
+            TaskData::Text { sequences, .. } => Box::new(sequences.iter().flatten()),
+            TaskData::MultipleChoice { docs, .. } => Box::new(docs.iter().flatten().flat_map(|(c, x, _)| c.iter().chain(x))),
+            TaskData::Lambada { reqs } => Box::new(reqs.iter().flat_map(|(c, x)| c.iter().chain(x))),
+            TaskData::Gsm8k { prompts } => Box::new(prompts.iter().flat_map(|(p, _)| p.iter())),
+        }
     }
 
     fn evaluate(

@@ -53,3 +53,29 @@ pub fn tokenize_into_sequences(
     let last = offsets.get(skip_tokens + n_seq * seq_len - 1).map_or(text.len(), |o| o.1);
     Ok(TokenizedText { sequences, bytes: (last.saturating_sub(first)) as u64 })
 }
+
+/// Every token id must index the model's embedding: a tokenizer.json from another model gives ids at or
+/// past `vocab_size`, which libtorch would reject only deep inside the forward pass (or, on a GPU, as a
+/// device-side assert). Names the first offending id.
+pub fn check_vocab<'a>(ids: impl IntoIterator<Item = &'a i64>, vocab_size: usize) -> Result<()> {
+    if let Some(bad) = ids.into_iter().find(|&&i| i < 0 || i as u64 >= vocab_size as u64) {
+        bail!(
+            "tokenizer.json gives token id {bad}, outside the model's vocabulary (config.json vocab_size {vocab_size}): \
+             the tokenizer does not match the checkpoint"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_vocab_names_the_first_id_past_the_vocabulary() {
+        assert!(check_vocab(&[0, 5, 95], 96).is_ok());
+        let e = check_vocab(&[3, 96, 200], 96).unwrap_err().to_string();
+        assert!(e.contains("token id 96") && e.contains("vocab_size 96"), "{e}");
+        assert!(check_vocab(&[-1], 96).is_err());
+    }
+}

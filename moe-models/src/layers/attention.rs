@@ -168,6 +168,21 @@ impl GqaShape {
     }
 }
 
+/// `hidden_size` must split evenly into `num_attention_heads` heads when config.json gives no explicit
+/// `head_dim` (the derived `hidden_size / num_attention_heads` would otherwise round down silently).
+pub fn check_head_split(head_dim: Option<usize>, hidden: usize, heads: usize) -> Result<()> {
+    if heads == 0 {
+        return Err(Error::config("num_attention_heads", "must be at least 1"));
+    }
+    if head_dim.is_none() && hidden % heads != 0 {
+        return Err(Error::config(
+            "hidden_size",
+            format!("{hidden} is not divisible by num_attention_heads {heads} (and config.json sets no head_dim)"),
+        ));
+    }
+    Ok(())
+}
+
 impl GqaAttention {
     /// Load the four projections from `vb` (at `...self_attn`).
     pub fn load(vb: &VarBuilder<'_>, shape: GqaShape, sliding: bool) -> Result<Self> {
