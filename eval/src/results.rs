@@ -238,6 +238,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// Remove temporary files `write_atomic` left in `dir` when a process was killed between creating and
+/// renaming them (`.<name>.tmp.<pid>`), unless that process is still running (Linux: `/proc/<pid>`).
+/// Returns the removed paths.
+pub fn remove_stale_temporaries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else { return Ok(removed) };
+    let proc_fs = Path::new("/proc/self").exists();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp.")).map(|(_, pid)| pid) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        let alive = pid == std::process::id() || (proc_fs && Path::new("/proc").join(pid.to_string()).exists());
+        if !alive {
+            fs::remove_file(e.path()).with_context(|| format!("cannot remove stale temporary {}", e.path().display()))?;
+            removed.push(e.path());
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +301,19 @@ mod tests {
         // No temporary files left behind.
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn stale_temporaries_of_dead_processes_are_removed_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = dir.path().join(".results.jsonl.tmp.4294967295");
+        let live = dir.path().join(format!(".results.jsonl.tmp.{}", std::process::id()));
+        let other = dir.path().join("results.jsonl");
+        for p in [&dead, &live, &other] {
+            fs::write(p, "x").unwrap();
+        }
+        assert_eq!(remove_stale_temporaries(dir.path()).unwrap(), vec![dead.clone()]);
+        assert!(!dead.exists() && live.exists() && other.exists());
     }
 
     #[test]

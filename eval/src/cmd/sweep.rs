@@ -23,7 +23,7 @@ use tch::{Device, Kind, Tensor};
 use crate::methods::{build, HostRoute, Method, ModelShape};
 use crate::profiling::{measure_profile, record_host_trace, ProfileJob};
 use crate::provenance::Provenance;
-use crate::results::{write_atomic, PointKey, Record, ResultsFile, Status, RESULTS_SCHEMA_VERSION};
+use crate::results::{remove_stale_temporaries, write_atomic, PointKey, Record, ResultsFile, Status, RESULTS_SCHEMA_VERSION};
 use crate::scorer::{ActivationMeter, Scorer};
 use crate::spec::{budget_label, SweepSpec};
 use crate::tasks::{self, olmo, text, Task};
@@ -169,6 +169,10 @@ pub fn run(args: Args) -> Result<()> {
     let mut results = ResultsFile::open(&out.join("results.jsonl"))?;
     let created_dir = !out.exists();
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create results directory {}", out.display()))?;
+    // A run killed between writing a temporary and renaming it leaves the temporary behind.
+    for p in remove_stale_temporaries(&out)? {
+        eprintln!("sweep: removed {} (left by a killed run)", p.display());
+    }
     let spec_json = serde_json::to_value(&spec)?;
     let spec_path = out.join("spec.json");
     let old_spec = std::fs::read(&spec_path).ok();
