@@ -280,8 +280,8 @@ fn calibrate(method: Method, trace: &[HostRoute], shape: &ModelShape, target: f6
     let increasing = method == Method::TopP;
     let (mut lo, mut hi) = (0.0f64, 1.0f64);
     let eval = |p: f64| replay_activations(make_host(method, p, shape.native_k).as_ref(), trace, shape.experts);
-    // Prefer the parameter whose activations come closest to the target without exceeding it; fall
-    // back to the closest overall when nothing fits.
+    // Take the parameter whose activations come closest to the target without exceeding it; when
+    // nothing fits (the one-expert floor already exceeds the budget) the point fails.
     let mut under: Option<(f64, f64)> = None;
     let mut closest = (0.0f64, f64::INFINITY, 0.0f64);
     for _ in 0..30 {
@@ -300,6 +300,13 @@ fn calibrate(method: Method, trace: &[HostRoute], shape: &ModelShape, target: f6
             lo = mid;
         }
     }
-    let best = under.map_or((closest.0, f64::NAN, closest.2), |(p, a)| (p, 0.0, a));
-    Ok((best.0, best.2))
+    let Some(best) = under else {
+        bail!(
+            "{} cannot route as few as {target} activations per token (its floor of one expert per token \
+             uses {:.2} on the calibration routing)",
+            method.as_str(),
+            closest.2
+        );
+    };
+    Ok(best)
 }

@@ -67,7 +67,7 @@ impl Default for SweepSpec {
             heldout: PathBuf::from("models/heldout.txt"),
             seq_len: 256,
             calib_tokens: 8192,
-            eval_tokens: 32768,
+            eval_tokens: 16384,
             batch_tokens: 8192,
             limit: Some(200),
             profile_k: vec![1, 2, 3, 4, 5, 6, 7, 8],

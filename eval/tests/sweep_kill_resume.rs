@@ -65,7 +65,18 @@ fn sweep_killed_at_random_points_resumes_without_lost_or_duplicated_records() {
         attempts += 1;
         assert!(attempts <= 40, "the sweep kept finishing before it could be killed ({kills} kills)");
         let mut child = spawn(&out, &text_path);
-        std::thread::sleep(Duration::from_millis(250 + rng.next() % 1000));
+        // Wait until this run has written a new record (so the kill lands among the points however
+        // slow the machine is), then a seeded-random extra delay.
+        let before = std::fs::read_to_string(out.join("results.jsonl")).map_or(0, |s| s.lines().count());
+        let t0 = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() && t0.elapsed() < Duration::from_secs(120) {
+            let now = std::fs::read_to_string(out.join("results.jsonl")).map_or(0, |s| s.lines().count());
+            if now > before {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(rng.next() % 400));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL on Unix
             kills += 1;

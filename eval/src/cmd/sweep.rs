@@ -589,7 +589,7 @@ impl TaskData {
     }
 }
 
-/// Prefill and decode throughput (tokens/s, median of 3 after a warm-up) under `policy`.
+/// Prefill and decode throughput (tokens/s, the faster of 2 timed runs after a warm-up) under `policy`.
 /// Prefill: `speed_batch` sequences of `seq_len` tokens. Decode: the same sequences' first 32 tokens as
 /// prompts, then `speed_decode_steps` greedy steps with the KV cache, all sequences together.
 fn measure_speed(model: &Model, policy: &dyn DevicePolicy, renormalize: Renormalize, data: &TaskData, spec: &SweepSpec) -> Result<(f64, f64)> {
@@ -604,7 +604,7 @@ fn measure_speed(model: &Model, policy: &dyn DevicePolicy, renormalize: Renormal
         v[v.len() / 2]
     };
     let mut prefill = Vec::new();
-    for rep in 0..4 {
+    for rep in 0..3 {
         sync(device);
         let t = Instant::now();
         let mut ctx = ForwardCtx::new(policy).with_renormalize(renormalize);
@@ -618,7 +618,7 @@ fn measure_speed(model: &Model, policy: &dyn DevicePolicy, renormalize: Renormal
     let prompt_len = 32.min(spec.seq_len) as i64;
     let prompt = ids.f_narrow(1, 0, prompt_len)?;
     let mut decode = Vec::new();
-    for rep in 0..4 {
+    for rep in 0..3 {
         let mut cache = KvCache::new();
         let mut ctx = ForwardCtx::new(policy).with_renormalize(renormalize).with_cache(&mut cache);
         let h = model.forward_hidden(&prompt, &mut ctx)?;
@@ -646,7 +646,7 @@ pub fn print_summary(results: &ResultsFile) {
         groups.entry((r.key.model.clone(), r.key.task.clone())).or_default().push(r);
     }
     for ((model, task), recs) in groups {
-        let metric = ["ppl", "acc", "exact_match"].into_iter().find(|m| recs.iter().any(|r| r.metrics.contains_key(*m))).unwrap_or("nll");
+        let metric = ["acc", "exact_match", "ppl"].into_iter().find(|m| recs.iter().any(|r| r.metrics.contains_key(*m))).unwrap_or("nll");
         let mut budgets: Vec<String> = recs.iter().map(|r| r.key.budget.clone()).collect();
         budgets.sort_by(|a, b| b.cmp(a));
         budgets.dedup();
