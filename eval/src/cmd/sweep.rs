@@ -542,7 +542,11 @@ impl TaskData {
                 let s = scorer.text_nll(policy, sequences, Some(meter))?;
                 m.insert("nll".into(), s.mean());
                 m.insert("ppl".into(), s.mean().exp());
-                m.insert("bpb".into(), s.nll / std::f64::consts::LN_2 / (*bytes).max(1) as f64 * (s.tokens as f64 / (s.tokens as f64)));
+                // Bits per byte over the scored tokens: every sequence's first token is context only, so the
+                // byte span is scaled by the scored share of the tokens.
+                let all_tokens = sequences.iter().map(Vec::len).sum::<usize>().max(1) as f64;
+                let scored_bytes = (*bytes as f64) * (s.tokens as f64 / all_tokens);
+                m.insert("bpb".into(), s.nll / std::f64::consts::LN_2 / scored_bytes.max(1.0));
                 m.insert("tokens".into(), s.tokens as f64);
             }
             TaskData::MultipleChoice { docs, gold } => {
