@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Hugging Face transformers' throughput for a DeepSeek-V2 config with random weights: the peer of `eval speed`.
+"""Hugging Face transformers' throughput for an MoE config.json with random weights: the peer of `eval speed`.
+
+Any family transformers knows by `model_type` (deepseek_v2, qwen2_moe, mixtral, ...).
 
 Same protocol as `cargo run -p eval -- speed --model CONFIG --random` (eval/src/cmd/speed.rs):
   prefill  `--batch x --len` random tokens, one forward with logits for the last position only;
@@ -8,7 +10,7 @@ Same protocol as `cargo run -p eval -- speed --model CONFIG --random` (eval/src/
            subtracted. Warm-up first, CUDA synchronised before each clock read, medians of `--repeats`.
 Routing at k experts per token is set through `num_experts_per_tok` (transformers' stock top-k).
 
-    python3 scripts/bench_hf_deepseek_v2.py --config moe-models/configs/deepseek_v2_lite.json \
+    python3 scripts/bench_hf.py --config moe-models/configs/deepseek_v2_lite.json \
         --device cuda --dtype bf16 --k 6
 
 Prints one JSON line shaped like `eval speed`'s.
@@ -21,7 +23,6 @@ import time
 
 import torch
 import transformers
-from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
 
 def sync(device):
@@ -46,14 +47,16 @@ def main():
 
     dtype = {"bf16": torch.bfloat16, "f32": torch.float32, "f16": torch.float16}[a.dtype]
     device = torch.device(a.device)
-    config = DeepseekV2Config.from_json_file(a.config)
+    with open(a.config) as f:
+        raw = json.load(f)
+    config = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
     if a.k is not None:
         config.num_experts_per_tok = a.k
     config._attn_implementation = a.attn
     config._experts_implementation = a.experts
     torch.manual_seed(0)
     with torch.device(device):
-        model = DeepseekV2ForCausalLM(config).to(dtype).eval()
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     vocab = config.vocab_size
 
     @torch.no_grad()
