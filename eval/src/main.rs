@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod device;
 mod methods;
 mod plot;
 mod profiling;

@@ -34,24 +34,12 @@ pub struct RunFlags {
 impl RunFlags {
     /// The libtorch device.
     pub fn device(&self) -> Result<Device> {
-        match self.device.as_str() {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda(0)),
-            s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(i)) => Ok(Device::Cuda(i)),
-                _ => bail!("--device `{s}`: expected cpu, cuda or cuda:N"),
-            },
-        }
+        crate::device::parse_device(&self.device)
     }
 
     /// The libtorch dtype.
     pub fn kind(&self) -> Result<Kind> {
-        match self.dtype.as_str() {
-            "f32" => Ok(Kind::Float),
-            "bf16" => Ok(Kind::BFloat16),
-            "f16" => Ok(Kind::Half),
-            s => bail!("--dtype `{s}`: expected f32, bf16 or f16"),
-        }
+        crate::device::parse_kind(&self.dtype)
     }
 
     /// Load the model named by the flags.

@@ -48,8 +48,8 @@ pub struct Args {
 
 /// Run `eval profile`.
 pub fn run(args: Args) -> Result<()> {
-    let device = crate::cmd::sweep::parse_device(&args.device)?;
-    let kind = crate::cmd::sweep::parse_kind(&args.dtype)?;
+    let device = crate::device::parse_device(&args.device)?;
+    let kind = crate::device::parse_kind(&args.dtype)?;
     let model = moe_models::load(&args.model, device, kind)?;
     let tokenizer = crate::cmd::sweep::load_tokenizer(&args.model)?;
     let info = model.info().clone();

@@ -9,10 +9,11 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use moe_models::tch::{self, Device, Kind, Tensor};
+use moe_models::tch::{self, Kind, Tensor};
 use moe_models::{ForwardCtx, KvCache, Model};
 
 use super::logits::RunFlags;
+use crate::device::{median, sync};
 
 /// Arguments of `eval speed`.
 #[derive(clap::Args, Debug)]
@@ -39,17 +40,6 @@ pub struct Args {
     /// Timed repeats (median reported).
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
-}
-
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn prefill(model: &Model, ctx: &mut ForwardCtx<'_>, ids: &Tensor) -> Result<()> {

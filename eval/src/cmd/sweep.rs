@@ -20,6 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use moe_models::{ForwardCtx, KvCache, Model, Renormalize};
 use tch::{Device, Kind, Tensor};
 
+use crate::device::{median, parse_device, parse_kind, sync};
 use crate::methods::{build, HostRoute, Method, ModelShape};
 use crate::profiling::{measure_profile, record_host_trace, ProfileJob};
 use crate::provenance::Provenance;
@@ -118,34 +119,6 @@ fn spec_models_from_file(args: &Args) -> Option<Vec<PathBuf>> {
     let p = args.spec.as_ref()?;
     let s = SweepSpec::from_toml_file(p).ok()?;
     (!s.models.is_empty()).then_some(s.models)
-}
-
-/// Parse `cpu`, `cuda` or `cuda:N`.
-pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Ok(Device::Cuda(n)),
-            None => bail!("unknown device {s:?} (cpu, cuda, cuda:N)"),
-        },
-    }
-}
-
-/// Parse `f32`, `bf16` or `f16`.
-pub fn parse_kind(s: &str) -> Result<Kind> {
-    Ok(match s {
-        "f32" | "float32" => Kind::Float,
-        "bf16" | "bfloat16" => Kind::BFloat16,
-        "f16" | "float16" => Kind::Half,
-        _ => bail!("unknown dtype {s:?} (f32, bf16, f16)"),
-    })
-}
-
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
 }
 
 /// Run `eval sweep`.
@@ -603,10 +576,6 @@ fn measure_speed(model: &Model, policy: &dyn DevicePolicy, renormalize: Renormal
     let b = spec.speed_batch.min(sequences.len()).max(1);
     let flat: Vec<i64> = sequences[..b].iter().flatten().copied().collect();
     let ids = Tensor::f_from_slice(&flat)?.f_reshape([b as i64, spec.seq_len as i64])?.f_to_device(device)?;
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let mut prefill = Vec::new();
     for rep in 0..3 {
         sync(device);
