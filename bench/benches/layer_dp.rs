@@ -1,6 +1,8 @@
 //! Alloc-L solver speed: the DP's full budget frontier at 26, 60 and 120 layers x 8 and 16 k values,
 //! and the ILP referee at 26 layers.
 
+#![allow(missing_docs)] // criterion_group! generates undocumented functions
+
 use alloc_layer::{solve_ilp, Frontier, KBounds, Problem};
 use bench::synthetic_profile;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

@@ -3,7 +3,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{empty_selection, prefix_ids, torch, DeviceBatch, DevicePolicy, DeviceResult};
+use super::{select_by_count, DeviceBatch, DevicePolicy, DeviceResult};
 use crate::nucleus::{TopP, MASS_SCALE};
 
 impl TopP {
@@ -28,13 +28,8 @@ impl DevicePolicy for TopP {
         self.max_k
     }
     fn select(&self, layer: usize, batch: &DeviceBatch<'_>) -> DeviceResult<Tensor> {
-        let (t, e) = batch.shape()?;
+        let (_, e) = batch.shape()?;
         self.check(layer, e as usize)?;
-        if t == 0 {
-            return empty_selection(self.max_k, batch.probs.device());
-        }
-        let (vals, idx) = torch("topp.sort", batch.probs.f_sort_stable(true, 1, true))?;
-        let counts = torch("topp.counts", self.device_counts(&vals))?;
-        prefix_ids(&idx, self.max_k as i64, &counts, &batch.valid()?)
+        select_by_count(batch, self.max_k, "topp", |vals| self.device_counts(vals))
     }
 }

@@ -3,7 +3,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{empty_selection, prefix_ids, torch, DeviceBatch, DevicePolicy, DeviceResult};
+use super::{select_by_count, DeviceBatch, DevicePolicy, DeviceResult};
 use crate::skip::Skip;
 
 impl DevicePolicy for Skip {
@@ -14,18 +14,13 @@ impl DevicePolicy for Skip {
         self.k
     }
     fn select(&self, layer: usize, batch: &DeviceBatch<'_>) -> DeviceResult<Tensor> {
-        let (t, e) = batch.shape()?;
+        let (_, e) = batch.shape()?;
         self.check(layer, e as usize)?;
-        if t == 0 {
-            return empty_selection(self.k, batch.probs.device());
-        }
-        let (vals, idx) = torch("skip.sort", batch.probs.f_sort_stable(true, 1, true))?;
-        let counts = torch("skip.counts", (|| {
+        select_by_count(batch, self.k, "skip", |vals| {
             let beta = Tensor::f_full([] as [i64; 0], f64::from(self.beta), (Kind::Float, vals.device()))?;
             let cut = vals.f_narrow(1, 0, 1)?.f_mul(&beta)?; // (t, 1)
             let n = vals.f_narrow(1, 0, self.k as i64)?.f_ge_tensor(&cut)?.f_sum_dim_intlist(1, false, Kind::Int64)?;
             n.f_clamp_min(1)
-        })())?;
-        prefix_ids(&idx, self.k as i64, &counts, &batch.valid()?)
+        })
     }
 }

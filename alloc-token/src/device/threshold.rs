@@ -2,7 +2,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{empty_selection, prefix_ids, torch, DeviceBatch, DevicePolicy, DeviceResult};
+use super::{select_by_count, DeviceBatch, DevicePolicy, DeviceResult};
 use crate::threshold::Threshold;
 
 impl DevicePolicy for Threshold {
@@ -13,18 +13,13 @@ impl DevicePolicy for Threshold {
         self.max_k
     }
     fn select(&self, layer: usize, batch: &DeviceBatch<'_>) -> DeviceResult<Tensor> {
-        let (t, e) = batch.shape()?;
+        let (_, e) = batch.shape()?;
         self.check(layer, e as usize)?;
-        if t == 0 {
-            return empty_selection(self.max_k, batch.probs.device());
-        }
-        let counts = torch("threshold.counts", (|| {
+        select_by_count(batch, self.max_k, "threshold", |vals| {
             // A 0-dim f32 tensor made on the device, so the comparison is f32 against f32.
-            let tau = Tensor::f_full([] as [i64; 0], f64::from(self.tau), (Kind::Float, batch.probs.device()))?;
-            let n = batch.probs.f_ge_tensor(&tau)?.f_sum_dim_intlist(1, false, Kind::Int64)?;
+            let tau = Tensor::f_full([] as [i64; 0], f64::from(self.tau), (Kind::Float, vals.device()))?;
+            let n = vals.f_ge_tensor(&tau)?.f_sum_dim_intlist(1, false, Kind::Int64)?;
             n.f_clamp(self.min_k as i64, self.max_k as i64)
-        })())?;
-        let (_, idx) = torch("threshold.sort", batch.probs.f_sort_stable(true, 1, true))?;
-        prefix_ids(&idx, self.max_k as i64, &counts, &batch.valid()?)
+        })
     }
 }
