@@ -30,6 +30,15 @@ pub enum LayerBudget {
     Uniform(f64),
     /// `K_l` = the layer's k in an Alloc-L allocation (Alloc-L+T).
     Allocation(LayerAllocation),
+    /// `K_l` per layer, possibly fractional (Alloc-L+T on a fractional allocation: `k[i]` is the
+    /// average budget of model layer `layers[i]`). Lets a top-2 model redistribute inside a layer, which
+    /// an integer K_l in {1, 2} with floor 1 and cap 2 cannot.
+    PerLayer {
+        /// Model layer indices.
+        layers: Vec<usize>,
+        /// Average experts per token of each layer.
+        k: Vec<f64>,
+    },
 }
 
 /// What Alloc-T ranks candidate (token, expert) pairs by.
@@ -98,6 +107,12 @@ impl AllocT {
         Self { budget: LayerBudget::Allocation(allocation), ..Self::new(0.0, native_k) }
     }
 
+    /// Alloc-L+T on a fractional allocation: layer `layers[i]` averages `k[i]` experts per token; floor 1,
+    /// cap `native_k`. The lists must have the same length (checked when a layer is routed).
+    pub fn per_layer(layers: Vec<usize>, k: Vec<f64>, native_k: usize) -> Self {
+        Self { budget: LayerBudget::PerLayer { layers, k }, ..Self::new(0.0, native_k) }
+    }
+
     /// The same policy with another floor.
     pub fn with_floor(self, floor: usize) -> Self {
         Self { floor, ..self }
@@ -127,6 +142,15 @@ impl AllocT {
             LayerBudget::Allocation(a) => f64::from(a.k_of(layer).ok_or_else(|| {
                 invalid(&name, layer, format!("not in the allocation, which covers layers {:?}", a.layers))
             })?),
+            LayerBudget::PerLayer { layers, k } => {
+                if layers.len() != k.len() {
+                    return Err(invalid(&name, layer, format!("{} layers but {} average budgets", layers.len(), k.len())));
+                }
+                let i = layers.iter().position(|&l| l == layer).ok_or_else(|| {
+                    invalid(&name, layer, format!("not in the allocation, which covers layers {layers:?}"))
+                })?;
+                k[i]
+            }
         };
         if self.floor > self.cap {
             return Err(invalid(&name, layer, format!("floor = {} exceeds cap = {}", self.floor, self.cap)));
@@ -165,7 +189,7 @@ impl RoutingPolicy for AllocT {
     fn name(&self) -> String {
         match self.budget {
             LayerBudget::Uniform(_) => "alloc-t".into(),
-            LayerBudget::Allocation(_) => "alloc-lt".into(),
+            LayerBudget::Allocation(_) | LayerBudget::PerLayer { .. } => "alloc-lt".into(),
         }
     }
 
@@ -293,5 +317,23 @@ mod tests {
         assert_eq!(pol.select(2, &b).unwrap().token(0), &[0, 1, 2]);
         assert_eq!(pol.select(1, &b).unwrap().token(0), &[0]);
         assert!(pol.select(7, &b).is_err());
+    }
+
+    #[test]
+    fn fractional_per_layer_budget_redistributes_inside_a_top2_layer() {
+        // Top-2 model, K_l = 1.5 in layer 4 and 1 in layer 5: over two tokens layer 4 selects
+        // round(1.5 x 2) = 3 pairs (the flat token gets the second expert), layer 5 exactly top-1.
+        let p = [0.9, 0.1, 0.0, 0.55, 0.45, 0.0];
+        let b = RouterBatch::new(&p, 2, 3).unwrap();
+        let pol = AllocT::per_layer(vec![4, 5], vec![1.5, 1.0], 2);
+        let s4 = pol.select(4, &b).unwrap();
+        assert_eq!((s4.token(0), s4.token(1)), (&[0i64][..], &[0i64, 1][..]));
+        assert_eq!(pol.select(5, &b).unwrap().total(), 2);
+        let e = pol.select(6, &b).unwrap_err().to_string();
+        assert!(e.contains("layer 6") && e.contains("[4, 5]"), "{e}");
+        let e = AllocT::per_layer(vec![4], vec![2.5], 2).select(4, &b).unwrap_err().to_string();
+        assert!(e.contains("K = 2.5"), "{e}");
+        let e = AllocT::per_layer(vec![4, 5], vec![1.5], 2).select(4, &b).unwrap_err().to_string();
+        assert!(e.contains("2 layers but 1"), "{e}");
     }
 }

@@ -23,6 +23,7 @@ pub mod accounting;
 pub mod alloc_t;
 pub mod batch;
 mod common;
+pub mod mass;
 pub mod nucleus;
 pub mod per_layer;
 pub mod random;
@@ -35,6 +36,7 @@ pub mod device;
 
 pub use alloc_t::{pairs_for, AllocT, LayerBudget, Scope, Score};
 pub use batch::router_batch;
+pub use mass::MassCurve;
 pub use nucleus::TopP;
 pub use per_layer::PerLayerTopK;
 pub use random::RandomK;
