@@ -114,6 +114,11 @@ def hub_state_dict_from(state, cfg):
     return hub_state_dict(_Model(), cfg)
 
 
+# The transformers class of each family; scripts/make_golden_olmoe_qwen3_moe.py adds its families here and
+# reuses `build`.
+CLASSES = {"qwen2_moe": Qwen2MoeForCausalLM, "mixtral": MixtralForCausalLM}
+
+
 def build(family, case, spec, seed):
     cfg = dict(spec["base"])
     cfg.update(spec["cfg"])
@@ -123,16 +128,16 @@ def build(family, case, spec, seed):
         json.dump(cfg, f, indent=2, sort_keys=True)
         f.write("\n")
 
-    cls = Qwen2MoeForCausalLM if family == "qwen2_moe" else MixtralForCausalLM
+    cls = CLASSES[family]
     gen = torch.Generator().manual_seed(seed)
     config = cls.config_class.from_pretrained(out_dir)
     config._attn_implementation = "eager"
     model = cls(config).eval()
     randomize(model, gen)
-    if family == "qwen2_moe":
-        hub = hub_state_dict(model, cfg)
-    else:
+    if family == "mixtral":
         hub = mixtral_hub_names(model.state_dict(), cfg)
+    else:  # OLMoE's experts are `intermediate_size` wide
+        hub = hub_state_dict(model, dict(cfg, moe_intermediate_size=cfg.get("moe_intermediate_size", cfg["intermediate_size"])))
     save_file(hub, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
     model, info = cls.from_pretrained(out_dir, attn_implementation="eager", dtype=torch.float32, output_loading_info=True)
@@ -167,9 +172,10 @@ def build(family, case, spec, seed):
     return True
 
 
-def main():
+def build_cases(cases):
+    """Build every (family, case) of `cases`, each from the first of its 200 seeds with decisive routing."""
     check_pinned()
-    for n, ((family, case), spec) in enumerate(CASES.items()):
+    for n, ((family, case), spec) in enumerate(cases.items()):
         for seed in range(1000 * n, 1000 * n + 200):
             if build(family, case, spec, seed):
                 break
@@ -178,4 +184,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    build_cases(CASES)

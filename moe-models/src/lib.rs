@@ -44,7 +44,7 @@
 //! # Layout
 //! `loader` (checkpoint, var-builder, tokenizer), `layers` (shared blocks: norms, rotary, MLP, MoE,
 //! attention incl. grouped-query and sliding window, the decoder stack), `cache`, `ctx`, one file per
-//! family (`deepseek_v2`, `qwen2_moe`, `mixtral`), `model` (the dispatching handle), `nll`. Adding a
+//! family (`deepseek_v2`, `qwen2_moe`, `mixtral`, `olmoe`, `qwen3_moe`), `model` (the dispatching handle), `nll`. Adding a
 //! family: a file like `mixtral.rs` built from `layers`, a `Model` variant and a `build` arm.
 
 pub mod cache;
@@ -56,7 +56,9 @@ pub mod loader;
 pub mod mixtral;
 pub mod model;
 pub mod nll;
+pub mod olmoe;
 pub mod qwen2_moe;
+pub mod qwen3_moe;
 
 /// The tch (libtorch) version the models are built with, for callers without their own `tch` dependency.
 pub use tch;

@@ -8,13 +8,13 @@ use tch::{Device, Kind, Tensor};
 use crate::cache::KvCache;
 use crate::ctx::ForwardCtx;
 use crate::error::{Error, Result, TorchContext};
-use crate::{deepseek_v2, mixtral, qwen2_moe};
+use crate::{deepseek_v2, mixtral, olmoe, qwen2_moe, qwen3_moe};
 use crate::loader::{read_json, Checkpoint, VarBuilder};
 
 /// Shape facts a caller needs (budgets, sweeps, results).
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
-    /// config.json's `model_type` (`deepseek_v2`, `qwen2_moe`, `mixtral`).
+    /// config.json's `model_type` (`deepseek_v2`, `qwen2_moe`, `mixtral`, `olmoe`, `qwen3_moe`).
     pub model_type: String,
     /// Decoder layers.
     pub num_layers: usize,
@@ -61,6 +61,10 @@ pub enum Model {
     Qwen2Moe(Box<qwen2_moe::Model>),
     /// Mixtral.
     Mixtral(Box<mixtral::Model>),
+    /// OLMoE.
+    Olmoe(Box<olmoe::Model>),
+    /// Qwen3-MoE.
+    Qwen3Moe(Box<qwen3_moe::Model>),
 }
 
 /// The part of config.json that picks the family.
@@ -77,6 +81,8 @@ fn build(config_path: &Path, root: &VarBuilder<'_>) -> Result<Model> {
         "deepseek_v2" => Model::DeepseekV2(Box::new(deepseek_v2::Model::load(read_json(config_path)?, root)?)),
         "qwen2_moe" => Model::Qwen2Moe(Box::new(qwen2_moe::Model::load(read_json(config_path)?, root)?)),
         "mixtral" => Model::Mixtral(Box::new(mixtral::Model::load(read_json(config_path)?, root)?)),
+        "olmoe" => Model::Olmoe(Box::new(olmoe::Model::load(read_json(config_path)?, root)?)),
+        "qwen3_moe" => Model::Qwen3Moe(Box::new(qwen3_moe::Model::load(read_json(config_path)?, root)?)),
         other => return Err(Error::UnsupportedModel(other.to_string())),
     })
 }
@@ -91,7 +97,7 @@ pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Model> {
 
 /// Build a model with random weights from a config.json alone (norms one, other weights
 /// `N(0, std^2)`, seeded): real shapes for speed measurements without a checkpoint, e.g. DeepSeek-V2-Lite,
-/// Qwen1.5-MoE-A2.7B or Mixtral-8x7B (`moe-models/configs/`) in bf16 on a GPU.
+/// Qwen1.5-MoE-A2.7B, Mixtral-8x7B, OLMoE-1B-7B or Qwen3-30B-A3B (`moe-models/configs/`) in bf16 on a GPU.
 pub fn load_random(config_path: &Path, device: Device, kind: Kind, std: f64, seed: i64) -> Result<Model> {
     tch::manual_seed(seed);
     build(config_path, &VarBuilder::random(std, kind, device))
@@ -104,6 +110,8 @@ impl Model {
             Model::DeepseekV2(m) => &m.decoder.info,
             Model::Qwen2Moe(m) => &m.decoder.info,
             Model::Mixtral(m) => &m.decoder.info,
+            Model::Olmoe(m) => &m.decoder.info,
+            Model::Qwen3Moe(m) => &m.decoder.info,
         }
     }
 
@@ -115,6 +123,8 @@ impl Model {
             Model::DeepseekV2(m) => m.decoder.forward_hidden(ids, ctx),
             Model::Qwen2Moe(m) => m.decoder.forward_hidden(ids, ctx),
             Model::Mixtral(m) => m.decoder.forward_hidden(ids, ctx),
+            Model::Olmoe(m) => m.decoder.forward_hidden(ids, ctx),
+            Model::Qwen3Moe(m) => m.decoder.forward_hidden(ids, ctx),
         }
     }
 
@@ -125,6 +135,8 @@ impl Model {
             Model::DeepseekV2(m) => m.decoder.lm_head(hidden),
             Model::Qwen2Moe(m) => m.decoder.lm_head(hidden),
             Model::Mixtral(m) => m.decoder.lm_head(hidden),
+            Model::Olmoe(m) => m.decoder.lm_head(hidden),
+            Model::Qwen3Moe(m) => m.decoder.lm_head(hidden),
         }
     }
 

@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::layers::attention::{GqaAttention, GqaShape};
 use crate::layers::decoder::{family_info, CommonConfig, Decoder, Ffn, Loaded, StackSpec};
 use crate::layers::mlp::Mlp;
-use crate::layers::moe::{check_top_k, MixingTable, MoeBlock, SWIGLU_NAMES};
+use crate::layers::moe::{check_top_k, is_sparse_layer, MixingTable, MoeBlock, SWIGLU_NAMES};
 use crate::layers::rotary::{RopeSpec, RopeStyle, Rotary};
 use crate::layers::Linear;
 use crate::loader::VarBuilder;
@@ -151,8 +151,7 @@ impl Config {
 
     /// Whether layer `i` is MoE (transformers' rule).
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        let dense = self.mlp_only_layers.as_deref().unwrap_or_default();
-        !dense.contains(&i) && self.num_experts > 0 && (i + 1) % self.decoder_sparse_step.max(1) == 0
+        is_sparse_layer(i, self.mlp_only_layers.as_deref().unwrap_or_default(), self.num_experts, self.decoder_sparse_step)
     }
 
     /// Whether layer `i` attends within the sliding window: `layer_types` when given, else

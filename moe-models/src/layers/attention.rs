@@ -5,6 +5,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::decoder::{SelfAttention, Step};
+use super::qk_norm::{self, QkNorm, QkNormScope};
 use super::Linear;
 use crate::cache::KvCache;
 use crate::ctx::ForwardCtx;
@@ -152,9 +153,26 @@ pub struct GqaAttention {
     pub shape: GqaShape,
     /// Whether this layer attends within the model's sliding window.
     pub sliding: bool,
+    /// Query/key RMSNorm after the projections (OLMoE, Qwen3-MoE), if the family has one.
+    pub qk_norm: Option<QkNorm>,
+    /// Clamp q, k and v to `[-clip_qkv, clip_qkv]` after the norm (OLMoE's `clip_qkv`), if set.
+    pub clip_qkv: Option<f64>,
 }
 
 impl GqaShape {
+    /// The sizes config.json gives: `num_key_value_heads` null means `heads` (multi-head), `head_dim` null
+    /// means `hidden / heads` (see [`check_head_split`]).
+    pub fn from_config(hidden: usize, heads: usize, kv_heads: Option<usize>, head_dim: Option<usize>, qkv_bias: bool) -> Self {
+        let head_dim = head_dim.unwrap_or(hidden / heads.max(1));
+        let kv_heads = kv_heads.unwrap_or(heads);
+        Self { hidden: hidden as i64, heads: heads as i64, kv_heads: kv_heads as i64, head_dim: head_dim as i64, qkv_bias }
+    }
+
+    /// KV-cache values per token per layer: a key and a value of `head_dim` per key/value head.
+    pub fn kv_values_per_token(&self) -> usize {
+        (2 * self.kv_heads * self.head_dim) as usize
+    }
+
     /// Reject head counts and sizes the attention cannot run, naming the config key.
     pub fn validate(&self) -> Result<()> {
         let (n, kv) = (self.heads, self.kv_heads);
@@ -195,7 +213,39 @@ impl GqaAttention {
             o_proj: Linear::load(&vb.pp("o_proj"), heads * head_dim, hidden, false)?,
             shape,
             sliding,
+            qk_norm: None,
+            clip_qkv: None,
         })
+    }
+
+    /// With the checkpoint's `q_norm` / `k_norm` (from `vb`, at `...self_attn`) over `scope`, and q/k/v
+    /// clamped to `clip_qkv` when set; see [`super::qk_norm`].
+    pub fn with_qk_norm(mut self, vb: &VarBuilder<'_>, scope: QkNormScope, eps: f64, clip_qkv: Option<f64>) -> Result<Self> {
+        let GqaShape { heads, kv_heads, head_dim, .. } = self.shape;
+        self.qk_norm = Some(QkNorm::load(vb, scope, heads, kv_heads, head_dim, eps)?);
+        self.clip_qkv = clip_qkv;
+        Ok(self)
+    }
+
+    /// q `(b, t, heads, d)`, k and v `(b, t, kv_heads, d)` for `x` `(b, t, h)`: the projections, then the
+    /// optional QK-norm (before or after the split into heads) and clipping.
+    fn project(&self, x: &Tensor, b: i64, t: i64) -> Result<(Tensor, Tensor, Tensor)> {
+        let GqaShape { heads, kv_heads, head_dim, .. } = self.shape;
+        let (mut q, mut k) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?); // (b, t, nh * d), (b, t, kvh * d)
+        if let Some(n) = &self.qk_norm {
+            (q, k) = n.apply(QkNormScope::Projection, q, k)?;
+        }
+        let [q, k, v] = qk_norm::clip(self.clip_qkv, [q, k, self.v_proj.forward(x)?])?;
+        let q = q.f_reshape([b, t, heads, head_dim])?; // (b, t, nh, d)
+        let k = k.f_reshape([b, t, kv_heads, head_dim])?; // (b, t, kvh, d)
+        let v = v.f_reshape([b, t, kv_heads, head_dim])?; // (b, t, kvh, d)
+        match &self.qk_norm {
+            Some(n) => {
+                let (q, k) = n.apply(QkNormScope::Head, q, k)?;
+                Ok((q, k, v))
+            }
+            None => Ok((q, k, v)),
+        }
     }
 
     /// `(b, s, kv_heads, d)` -> `(b, heads, s, d)`: each key/value head serves `heads / kv_heads`
@@ -215,13 +265,11 @@ impl GqaAttention {
 impl SelfAttention for GqaAttention {
     fn forward(&self, layer: usize, x: &Tensor, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
         let _span = tracing::trace_span!("attn", layer).entered();
-        let GqaShape { heads, kv_heads, head_dim, .. } = self.shape;
+        let GqaShape { heads, head_dim, .. } = self.shape;
         let (b, t) = (step.plan.b, step.plan.t);
-        let q = self.q_proj.forward(x)?.f_reshape([b, t, heads, head_dim])?.f_transpose(1, 2)?; // (b, nh, t, d)
-        let q = step.rotary.apply(&q, &step.cos, &step.sin)?;
-        let k = self.k_proj.forward(x)?.f_reshape([b, t, kv_heads, head_dim])?.f_transpose(1, 2)?; // (b, kvh, t, d)
-        let k = step.rotary.apply(&k, &step.cos, &step.sin)?.f_transpose(1, 2)?; // (b, t, kvh, d)
-        let v = self.v_proj.forward(x)?.f_reshape([b, t, kv_heads, head_dim])?; // (b, t, kvh, d)
+        let (q, k, v) = self.project(x, b, t)?; // (b, t, nh | kvh, d)
+        let q = step.rotary.apply(&q.f_transpose(1, 2)?, &step.cos, &step.sin)?; // (b, nh, t, d)
+        let k = step.rotary.apply(&k.f_transpose(1, 2)?, &step.cos, &step.sin)?.f_transpose(1, 2)?; // (b, t, kvh, d)
         let (k, v) = match ctx.cache.as_deref_mut() {
             Some(cache) => cache.append(layer, &k, &v)?,
             None => (k, v),

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod decoder;
 pub mod mlp;
 pub mod moe;
+pub mod qk_norm;
 pub mod rotary;
 
 use tch::Tensor;

@@ -317,6 +317,13 @@ pub fn check_top_k(key: &str, k: usize, e: usize) -> Result<()> {
     Ok(())
 }
 
+/// The Qwen MoE families' layer rule (transformers' `Qwen2MoeDecoderLayer`, `Qwen3MoeDecoderLayer`): layer
+/// `i` is MoE iff it is not in `mlp_only_layers`, `num_experts > 0` and `(i + 1) % decoder_sparse_step == 0`
+/// (a step of 0, which `validate` rejects, counts as 1).
+pub fn is_sparse_layer(i: usize, mlp_only_layers: &[usize], num_experts: usize, decoder_sparse_step: usize) -> bool {
+    !mlp_only_layers.contains(&i) && num_experts > 0 && (i + 1) % decoder_sparse_step.max(1) == 0
+}
+
 /// Mixing weights `(n, w)` f32: the probabilities at the chosen ids (`-1` gives 0), renormalised or not,
 /// scaled, as the family's table says for option `r`.
 pub fn mixing_weights(probs: &Tensor, ids: &Tensor, r: Renormalize, table: &MixingTable) -> Result<Tensor> {
