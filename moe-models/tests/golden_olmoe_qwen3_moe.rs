@@ -114,7 +114,7 @@ fn info_counts_no_shared_experts_and_the_cache_holds_kv_heads_of_head_dim() {
         ("olmoe", "clip_gqa_raw", 10, 4, 2 * 2 * 4),
         ("olmoe", "mha_renorm", 8, 3, 2 * 4 * 4),
         ("qwen3_moe", "head_dim_dense_raw", 10, 4, 2 * 2 * 6),
-        ("qwen3_moe", "sparse_step_renorm_window", 8, 2, 2 * 1 * 4),
+        ("qwen3_moe", "sparse_step_renorm_window", 8, 2, 2 * 4), // one kv head
     ] {
         let g = golden(family, case);
         let info = g.model.info();
