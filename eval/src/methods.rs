@@ -6,7 +6,8 @@
 //! | `uniform` | top-k per layer from Alloc-L's uniform baseline (B/L each, remainder to the first layers) |
 //! | `alloc-l` | top-k per layer from the exact DP on the sensitivity profile |
 //! | `alloc-t` | Alloc-T with K_l = B/L in every layer (token redistribution only) |
-//! | `alloc-l+t` | Alloc-T with K_l from the DP allocation (the paper's method) |
+//! | `alloc-l+t` | Alloc-T with a fractional K_l per layer: the DP on a 1/8-expert grid, the profile's loss interpolated over the router mass Alloc-T keeps (`alloc_layer::fractional`) |
+//! | `lexi` | top-k per layer from the DP on the data-free LExI-style profile (`crate::lexi`) |
 //! | `random-l` | top-k per layer from a seeded random allocation (ablation) |
 //! | `greedy-l` | top-k per layer from the greedy marginal-gain allocation |
 //! | `top-p` | nucleus routing, p calibrated so the replayed full-model trace uses B |
@@ -20,9 +21,9 @@
 use alloc_core::routing::{RouterBatch, RoutingPolicy};
 use alloc_core::LayerAllocation;
 use alloc_layer::baselines::{greedy, random, uniform};
-use alloc_layer::{solve_dp, Problem, Solution};
+use alloc_layer::{solve_dp, solve_fractional, LayerMass, Problem, Solution};
 use alloc_token::device::DevicePolicy;
-use alloc_token::{AllocT, PerLayerTopK, Skip, Threshold, TopK, TopP};
+use alloc_token::{AllocT, MassCurve, PerLayerTopK, Skip, Threshold, TopK, TopP};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
@@ -49,11 +50,13 @@ pub enum Method {
     Threshold,
     /// Calibrated NAEE-style skip.
     Skip,
+    /// DP on the data-free LExI-style profile.
+    Lexi,
 }
 
 impl Method {
     /// Every method, in plotting order.
-    pub const ALL: [Method; 10] = [
+    pub const ALL: [Method; 11] = [
         Method::Full,
         Method::Uniform,
         Method::AllocL,
@@ -61,6 +64,7 @@ impl Method {
         Method::AllocLT,
         Method::RandomL,
         Method::GreedyL,
+        Method::Lexi,
         Method::TopP,
         Method::Threshold,
         Method::Skip,
@@ -79,6 +83,7 @@ impl Method {
             Method::TopP => "top-p",
             Method::Threshold => "threshold",
             Method::Skip => "skip",
+            Method::Lexi => "lexi",
         }
     }
 
@@ -87,9 +92,15 @@ impl Method {
         matches!(self, Method::AllocL | Method::AllocLT | Method::GreedyL)
     }
 
-    /// Whether the method is tuned on the recorded full-model routing.
+    /// Whether the method needs the data-free LExI-style profile.
+    pub fn needs_lexi_profile(self) -> bool {
+        self == Method::Lexi
+    }
+
+    /// Whether the method is tuned on the recorded full-model routing (Alloc-L+T: its retained-mass
+    /// curves).
     pub fn needs_calibration_trace(self) -> bool {
-        matches!(self, Method::TopP | Method::Threshold | Method::Skip)
+        matches!(self, Method::TopP | Method::Threshold | Method::Skip | Method::AllocLT)
     }
 }
 
@@ -144,15 +155,27 @@ pub struct Built {
     pub params: serde_json::Value,
 }
 
+/// Grid steps per expert of Alloc-L+T's fractional allocation (K_l in multiples of 1/8).
+pub const FRACTIONAL_STEPS: u32 = 8;
+
+/// What the methods of one model are built from (each part only when some method needs it).
+#[derive(Default)]
+pub struct Inputs<'a> {
+    /// The allocation problem of the text-calibrated profile.
+    pub problem: Option<&'a Problem>,
+    /// The allocation problem of the data-free LExI-style profile.
+    pub lexi: Option<&'a Problem>,
+    /// The full model's recorded routing on the calibration text.
+    pub trace: Option<&'a [HostRoute]>,
+    /// Per MoE layer, the router mass top-k and Alloc-T keep on that routing ([`mass_curves`]).
+    pub mass: Option<&'a [LayerMass]>,
+    /// Seed of random allocations.
+    pub seed: u64,
+}
+
 /// Build `method`'s policy at `budget` total activations per token.
-pub fn build(
-    method: Method,
-    budget: u32,
-    shape: &ModelShape,
-    problem: Option<&Problem>,
-    trace: Option<&[HostRoute]>,
-    seed: u64,
-) -> Result<Built> {
+pub fn build(method: Method, budget: u32, shape: &ModelShape, inputs: &Inputs<'_>) -> Result<Built> {
+    let (problem, trace, seed) = (inputs.problem, inputs.trace, inputs.seed);
     let k = shape.native_k;
     let layers = shape.moe_layers.clone();
     let per_layer = |sol: Solution| -> Result<Built> {
@@ -202,6 +225,16 @@ pub fn build(
             b
         }
         Method::AllocL => per_layer(solve_dp(need_problem()?, budget)?)?,
+        Method::Lexi => {
+            let mut b = per_layer(solve_dp(inputs.lexi.context("lexi needs the LExI-style profile")?, budget)?)?;
+            // Report the text profile's prediction (comparable with the other methods), if there is one.
+            b.predicted_delta = b
+                .allocation
+                .as_ref()
+                .and_then(|a| LayerAllocation::new(layers.clone(), a.iter().map(|&x| x as u32).collect()).ok())
+                .and_then(|a| predicted(&a));
+            b
+        }
         Method::GreedyL => per_layer(greedy(need_problem()?, budget)?)?,
         Method::RandomL => {
             let mut b = per_layer(random(&uniform_problem()?, budget, seed)?)?;
@@ -221,12 +254,14 @@ pub fn build(
             }
         }
         Method::AllocLT => {
-            let sol = solve_dp(need_problem()?, budget)?;
+            let mass = inputs.mass.context("alloc-l+t needs the retained-mass curves of the recorded routing")?;
+            let sol = solve_fractional(need_problem()?, mass, FRACTIONAL_STEPS, budget)?;
             Built {
-                allocation: Some(sol.allocation.k.iter().map(|&k| f64::from(k)).collect()),
+                allocation: Some(sol.k.clone()),
                 predicted_delta: Some(sol.predicted_delta),
-                params: serde_json::json!({"k_per_layer": sol.allocation.k, "floor": 1, "cap": k}),
-                policy: Box::new(AllocT::from_allocation(sol.allocation, k)),
+                params: serde_json::json!({"k_per_layer": sol.k, "steps_per_expert": FRACTIONAL_STEPS, "floor": 1, "cap": k,
+                    "predicted_delta_is": "estimate: profile loss interpolated over Alloc-T's retained router mass"}),
+                policy: Box::new(AllocT::per_layer(sol.layers, sol.k, k)),
             }
         }
         Method::TopP | Method::Threshold | Method::Skip => {
@@ -272,6 +307,21 @@ pub fn replay_activations(policy: &dyn RoutingPolicy, trace: &[HostRoute], exper
         })
         .collect::<Result<_>>()?;
     Ok(per_layer.iter().sum())
+}
+
+/// Per MoE layer of `problem`, the router mass top-k and Alloc-T (floor 1, cap K) keep on the recorded
+/// routing, at [`FRACTIONAL_STEPS`] grid points per expert (layers in parallel).
+pub fn mass_curves(problem: &Problem, trace: &[HostRoute], shape: &ModelShape) -> Result<Vec<LayerMass>> {
+    problem
+        .layers
+        .par_iter()
+        .map(|lc| -> Result<LayerMass> {
+            let r = trace.iter().find(|r| r.layer == lc.layer).with_context(|| format!("no recorded routing of layer {}", lc.layer))?;
+            let batch = RouterBatch::new(&r.probs, r.tokens, shape.experts)?;
+            let c = MassCurve::measure(lc.layer, &batch, 1, shape.native_k, FRACTIONAL_STEPS)?;
+            Ok(LayerMass { topk: c.topk, spread: c.spread, floor: 1 })
+        })
+        .collect()
 }
 
 /// Bisect the method's parameter in [0, 1] so the replayed activations per token come closest to

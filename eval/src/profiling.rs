@@ -1,9 +1,13 @@
 //! Alloc-L's sensitivity profile measured on calibration text, and the full model's recorded routing.
 //!
 //! For each MoE layer l and each k, only layer l runs top-k (every other layer at the native K) and the
-//! increase in mean NLL over the full model is recorded. k = K is the full model itself (delta 0 by
+//! quality loss against the full model is recorded: the increase in mean NLL ([`ProfileMetric::Nll`],
+//! profile metric `delta_nll`), or the mean KL divergence of the reduced model's next-token distribution
+//! from the full model's ([`ProfileMetric::Kl`], metric `kl`; every position of every calibration
+//! sequence, computed in row chunks against the full model's stored final hidden states, so no
+//! full-vocabulary logits of a whole sequence exist at once). k = K is the full model itself (delta 0 by
 //! definition; no pass is spent on it). Finished layers are saved after each layer, so an interrupted
-//! profile resumes where it stopped.
+//! profile resumes where it stopped. The data-free LExI-style profile is in [`crate::lexi`].
 
 use alloc_core::{Calibration, LayerAllocation, LayerProfile, SensitivityProfile, SCHEMA_VERSION};
 use alloc_token::device::DevicePolicy;
@@ -14,6 +18,27 @@ use tch::{Kind, Tensor};
 
 use crate::methods::{HostRoute, ModelShape};
 use crate::scorer::Scorer;
+
+/// What a measured profile's `delta` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ProfileMetric {
+    /// Increase in mean NLL over the full model (profile metric `delta_nll`).
+    #[default]
+    Nll,
+    /// Mean KL(full || reduced) of the next-token distributions (profile metric `kl`).
+    Kl,
+}
+
+impl ProfileMetric {
+    /// The profile's `metric` field for this choice.
+    pub fn profile_name(self) -> &'static str {
+        match self {
+            ProfileMetric::Nll => "delta_nll",
+            ProfileMetric::Kl => "kl",
+        }
+    }
+}
 
 /// Inputs of a profiling run.
 pub struct ProfileJob<'a> {
@@ -29,6 +54,8 @@ pub struct ProfileJob<'a> {
     pub k_values: Vec<u32>,
     /// Provenance of the calibration text.
     pub calibration: Calibration,
+    /// What the deltas measure.
+    pub metric: ProfileMetric,
 }
 
 /// Measure the profile. `partial` holds layers finished by an earlier, interrupted run (kept as is);
@@ -40,14 +67,22 @@ pub fn measure_profile(
     mut tick: impl FnMut(),
 ) -> Result<SensitivityProfile> {
     let native = job.shape.native_k as u32;
-    let reference = job.scorer.text_nll(&TopK::new(job.shape.native_k), job.calib, None)?.mean();
+    let full = TopK::new(job.shape.native_k);
+    // NLL: the full model's mean NLL. KL: the full model's final hidden states (its NLL comes with them).
+    let (reference, hidden) = match job.metric {
+        ProfileMetric::Nll => (job.scorer.text_nll(&full, job.calib, None)?.mean(), Vec::new()),
+        ProfileMetric::Kl => {
+            let (hidden, nll) = job.scorer.reference_hidden(&full, job.calib)?;
+            (nll.mean(), hidden)
+        }
+    };
     tick();
     let mut calibration = job.calibration.clone();
     calibration.reference_nll = Some(reference);
     let mut profile = SensitivityProfile {
         schema_version: SCHEMA_VERSION,
         model: job.model.clone(),
-        metric: "delta_nll".into(),
+        metric: job.metric.profile_name().into(),
         full_k: native,
         layers: Vec::new(),
         calibration: Some(calibration),
@@ -55,6 +90,8 @@ pub fn measure_profile(
     let mut ks: Vec<u32> = job.k_values.iter().copied().filter(|&k| k < native).collect();
     ks.sort_unstable();
     ks.dedup();
+    // A partial profile of another metric is not resumed.
+    let partial = partial.filter(|p| p.metric == profile.metric);
     for &layer in &job.shape.moe_layers {
         if let Some(done) = partial.as_ref().and_then(|p| p.layers.iter().find(|l| l.layer == layer)) {
             profile.layers.push(done.clone());
@@ -68,9 +105,13 @@ pub fn measure_profile(
         for &k in &ks {
             let alloc_k: Vec<u32> = job.shape.moe_layers.iter().map(|&l| if l == layer { k } else { native }).collect();
             let policy = PerLayerTopK::new(LayerAllocation::new(job.shape.moe_layers.clone(), alloc_k)?);
-            let nll = job.scorer.text_nll(&policy, job.calib, None).with_context(|| format!("profiling layer {layer} at k = {k}"))?;
+            let what = || format!("profiling layer {layer} at k = {k}");
+            let d = match job.metric {
+                ProfileMetric::Nll => job.scorer.text_nll(&policy, job.calib, None).with_context(what)?.mean() - reference,
+                ProfileMetric::Kl => job.scorer.kl_to_reference(&policy, job.calib, &hidden).with_context(what)?,
+            };
             k_list.push(k);
-            delta.push(nll.mean() - reference);
+            delta.push(d);
             tick();
         }
         k_list.push(native);

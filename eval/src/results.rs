@@ -133,13 +133,9 @@ impl ResultsFile {
         self.records.len()
     }
 
-    /// Whether `key` already has a record (finished, or failed unless `retry_failed`).
-    pub fn is_done(&self, key: &PointKey, retry_failed: bool) -> bool {
-        self.records
-            .iter()
-            .rev()
-            .find(|r| &r.key == key)
-            .is_some_and(|r| r.status == Status::Ok || !retry_failed)
+    /// The latest record of `key`, if any (a later record supersedes an earlier one).
+    pub fn latest_of(&self, key: &PointKey) -> Option<&Record> {
+        self.records.iter().rev().find(|r| &r.key == key)
     }
 
     /// The latest record of each key (later records supersede earlier ones, e.g. a retried failure).
@@ -238,14 +234,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
-/// Remove temporary files `write_atomic` left in `dir` when a process was killed between creating and
-/// renaming them (`.<name>.tmp.<pid>`), unless that process is still running (Linux: `/proc/<pid>`).
+/// Remove temporary files `write_atomic` left in `dir` or its subdirectories (a sweep writes into
+/// `figures/` too) when a process was killed between creating and renaming them (`.<name>.tmp.<pid>`),
+/// unless that process is still running (Linux: `/proc/<pid>`). Symbolic links are not followed.
 /// Returns the removed paths.
 pub fn remove_stale_temporaries(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    let Ok(entries) = fs::read_dir(dir) else { return Ok(removed) };
+    remove_stale_in(dir, &mut removed)?;
+    Ok(removed)
+}
+
+fn remove_stale_in(dir: &Path, removed: &mut Vec<PathBuf>) -> Result<()> {
+    let Ok(entries) = fs::read_dir(dir) else { return Ok(()) };
     let proc_fs = Path::new("/proc/self").exists();
     for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_stale_in(&e.path(), removed)?;
+            continue;
+        }
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(pid) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp.")).map(|(_, pid)| pid) else { continue };
         let Ok(pid) = pid.parse::<u32>() else { continue };
@@ -255,7 +261,7 @@ pub fn remove_stale_temporaries(dir: &Path) -> Result<Vec<PathBuf>> {
             removed.push(e.path());
         }
     }
-    Ok(removed)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -290,10 +296,11 @@ mod tests {
         let mut g = ResultsFile::open(&path).unwrap();
         assert_eq!(g.records().len(), 2);
         let key = |m: &str| PointKey { model: "m".into(), method: m.into(), budget: "0.50".into(), task: "heldout".into() };
-        assert!(g.is_done(&key("uniform"), true));
-        assert!(g.is_done(&key("dp"), false));
-        assert!(!g.is_done(&key("dp"), true));
+        assert_eq!(g.latest_of(&key("uniform")).unwrap().status, Status::Ok);
+        assert!(matches!(g.latest_of(&key("dp")).unwrap().status, Status::Failed { .. }));
+        assert!(g.latest_of(&key("other")).is_none());
         g.append(rec("dp", Status::Ok)).unwrap();
+        assert_eq!(g.latest_of(&key("dp")).unwrap().status, Status::Ok);
         assert_eq!(g.latest().len(), 2);
         assert!(g.latest().iter().all(|r| r.status == Status::Ok));
         let csv = records_to_csv(&g.latest());
@@ -312,8 +319,16 @@ mod tests {
         for p in [&dead, &live, &other] {
             fs::write(p, "x").unwrap();
         }
-        assert_eq!(remove_stale_temporaries(dir.path()).unwrap(), vec![dead.clone()]);
-        assert!(!dead.exists() && live.exists() && other.exists());
+        let figures = dir.path().join("figures");
+        fs::create_dir(&figures).unwrap();
+        let nested = figures.join(".a.svg.tmp.4294967295");
+        fs::write(&nested, "x").unwrap();
+        let mut removed = remove_stale_temporaries(dir.path()).unwrap();
+        removed.sort();
+        let mut want = vec![dead.clone(), nested.clone()];
+        want.sort();
+        assert_eq!(removed, want);
+        assert!(!dead.exists() && !nested.exists() && live.exists() && other.exists());
     }
 
     #[test]

@@ -152,6 +152,85 @@ impl<'m> Scorer<'m> {
         Ok(total)
     }
 
+    /// The equal-length `seqs` as `(rows, len)` id tensors on the device, in the batches every scoring
+    /// call uses (so two calls' batches line up).
+    fn batches(&self, seqs: &[Vec<i64>]) -> Result<Vec<Tensor>> {
+        let Some(len) = seqs.first().map(Vec::len) else { return Ok(Vec::new()) };
+        let rows = (self.batch_tokens / len.max(1)).max(1);
+        seqs.chunks(rows)
+            .map(|chunk| {
+                let flat: Vec<i64> = chunk.iter().flatten().copied().collect();
+                Ok(Tensor::f_from_slice(&flat)?.f_reshape([chunk.len() as i64, len as i64])?.f_to_device(self.device())?)
+            })
+            .collect()
+    }
+
+    /// The final hidden states `(rows, len, h)` of every batch of `seqs` under `policy` (the reference
+    /// of [`Self::kl_to_reference`]), and the summed NLL they give (tokens 1.. of each sequence).
+    pub fn reference_hidden(&self, policy: &dyn DevicePolicy, seqs: &[Vec<i64>]) -> Result<(Vec<Tensor>, NllSum)> {
+        let _guard = tch::no_grad_guard();
+        let mut out = Vec::new();
+        let mut total = NllSum::default();
+        for ids in self.batches(seqs)? {
+            let mut ctx = ForwardCtx::new(policy).with_renormalize(self.renormalize);
+            let hidden = self.model.forward_hidden(&ids, &mut ctx).context("forward pass")?; // (b, t, h)
+            let (b, t, h) = (hidden.size()[0], hidden.size()[1], hidden.size()[2]);
+            let src = hidden.f_narrow(1, 0, t - 1)?.f_reshape([-1, h])?; // (b (t-1), h)
+            let tgt = ids.f_narrow(1, 1, t - 1)?.f_reshape([-1, 1])?;
+            let chunk = self.head_chunk.max(1) as i64;
+            let mut start = 0;
+            while start < src.size()[0] {
+                let n = chunk.min(src.size()[0] - start);
+                let logits = self.model.lm_head(&src.f_narrow(0, start, n)?)?.f_to_kind(Kind::Float)?; // (n, v)
+                let lse = logits.f_logsumexp([-1], false)?;
+                let picked = logits.f_gather(1, &tgt.f_narrow(0, start, n)?, false)?.f_squeeze_dim(1)?;
+                total.nll += lse.f_sub(&picked)?.f_sum(Kind::Double)?.f_double_value(&[])?;
+                start += n;
+            }
+            total.tokens += (b * (t - 1)) as u64;
+            out.push(hidden);
+        }
+        if !total.nll.is_finite() {
+            anyhow::bail!("the full model's loss is {} (not finite)", total.nll);
+        }
+        Ok((out, total))
+    }
+
+    /// Mean over every position of `seqs` of KL(p_ref || p_policy) in nats, where p_ref comes from the
+    /// stored `reference` hidden states ([`Self::reference_hidden`] on the same `seqs`). The LM head runs
+    /// on `head_chunk` rows at a time for both models, so full-vocabulary logits of a long sequence never
+    /// exist at once.
+    pub fn kl_to_reference(&self, policy: &dyn DevicePolicy, seqs: &[Vec<i64>], reference: &[Tensor]) -> Result<f64> {
+        let _guard = tch::no_grad_guard();
+        let batches = self.batches(seqs)?;
+        if batches.len() != reference.len() {
+            anyhow::bail!("{} reference batches for {} calibration batches", reference.len(), batches.len());
+        }
+        let (mut kl, mut positions) = (0.0f64, 0u64);
+        for (ids, href) in batches.iter().zip(reference) {
+            let mut ctx = ForwardCtx::new(policy).with_renormalize(self.renormalize);
+            let hidden = self.model.forward_hidden(ids, &mut ctx).context("forward pass")?;
+            let h = hidden.size()[2];
+            let (x, xr) = (hidden.f_reshape([-1, h])?, href.f_reshape([-1, h])?); // (b t, h)
+            let rows = x.size()[0];
+            let chunk = self.head_chunk.max(1) as i64;
+            let mut start = 0;
+            while start < rows {
+                let n = chunk.min(rows - start);
+                let lp = self.model.lm_head(&x.f_narrow(0, start, n)?)?.f_log_softmax(-1, Kind::Float)?; // (n, v)
+                let lr = self.model.lm_head(&xr.f_narrow(0, start, n)?)?.f_log_softmax(-1, Kind::Float)?;
+                let part = lr.f_exp()?.f_mul(&lr.f_sub(&lp)?)?.f_sum(Kind::Double)?.f_double_value(&[])?;
+                kl += part;
+                start += n;
+            }
+            positions += rows as u64;
+        }
+        if !kl.is_finite() {
+            anyhow::bail!("the KL divergence is {kl} (not finite) under policy {}", policy.name());
+        }
+        Ok(kl / positions.max(1) as f64)
+    }
+
     /// For each (context, continuation) pair: the summed log-probability of the continuation and
     /// whether every continuation token is the greedy (argmax) prediction. Inputs longer than the
     /// model's context are truncated from the left. Requests are sorted by length and right-padded.

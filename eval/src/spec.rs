@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::profiling::ProfileMetric;
+
 /// A resolved sweep specification.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -34,6 +36,9 @@ pub struct SweepSpec {
     pub limit: Option<usize>,
     /// k values to profile (K is always included).
     pub profile_k: Vec<u32>,
+    /// What the text-calibrated profile measures: `nll` (mean NLL increase) or `kl` (mean KL of the
+    /// next-token distribution to the full model's).
+    pub profile_metric: ProfileMetric,
     /// `cpu` or `cuda[:N]`.
     pub device: String,
     /// `f32`, `bf16` or `f16`.
@@ -59,7 +64,7 @@ impl Default for SweepSpec {
         Self {
             models: Vec::new(),
             tasks: vec!["heldout".into()],
-            methods: ["full", "uniform", "alloc-l", "alloc-t", "alloc-l+t", "random-l", "top-p", "threshold", "skip"]
+            methods: ["full", "uniform", "alloc-l", "alloc-t", "alloc-l+t", "random-l", "lexi", "top-p", "threshold", "skip"]
                 .into_iter()
                 .map(String::from)
                 .collect(),
@@ -71,6 +76,7 @@ impl Default for SweepSpec {
             batch_tokens: 8192,
             limit: Some(200),
             profile_k: vec![1, 2, 3, 4, 5, 6, 7, 8],
+            profile_metric: ProfileMetric::Nll,
             device: "cpu".into(),
             dtype: "f32".into(),
             renormalize: "native".into(),

@@ -38,8 +38,8 @@ fn sweep_writes_every_point_and_resumes_without_duplicates() {
     let o = sweep(&out, &text, &["--no-speed"]);
     assert!(o.status.success(), "stderr: {}", String::from_utf8_lossy(&o.stderr));
     let lines = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
-    // full at 1.0, and 8 other default methods at each of the 2 reduced budgets.
-    assert_eq!(lines.lines().count(), 1 + 8 * 2, "{lines}");
+    // full at 1.0, and 9 other default methods at each of the 2 reduced budgets.
+    assert_eq!(lines.lines().count(), 1 + 9 * 2, "{lines}");
     for l in lines.lines() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
         assert_eq!(v["status"], "ok", "{l}");

@@ -52,7 +52,7 @@ fn same_inputs_and_seed_give_identical_allocations_and_cpu_metrics() {
     let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
     let a = sweep(&a_dir, &text_path);
     let b = sweep(&b_dir, &text_path);
-    assert_eq!(a.len(), 1 + 8 * 2);
+    assert_eq!(a.len(), 1 + 9 * 2);
     // Random allocations depend on the seed, so the comparison covers seeded methods too.
     assert!(a.values().any(|v| v["method"] == "random-l" && v["allocation"].is_array()));
     for (k, va) in &a {
@@ -63,4 +63,6 @@ fn same_inputs_and_seed_give_identical_allocations_and_cpu_metrics() {
     }
     let profile = |d: &Path| std::fs::read_to_string(d.join("profile-lite_yarn.json")).unwrap();
     assert_eq!(profile(&a_dir), profile(&b_dir), "profiles differ");
+    let lexi = |d: &Path| std::fs::read_to_string(d.join("lexi-lite_yarn.json")).unwrap();
+    assert_eq!(lexi(&a_dir), lexi(&b_dir), "LExI-style profiles differ");
 }

@@ -1,6 +1,9 @@
-//! `eval profile`: measure a checkpoint's sensitivity profile (Alloc-L's input) on calibration text and
-//! write it as JSON in the format `eval solve` reads. Resumable: finished layers are kept in
-//! `<out>.partial` and reused when the command is run again.
+//! `eval profile`: measure a checkpoint's sensitivity profile (Alloc-L's input) and write it as JSON in
+//! the format `eval solve` reads. `--source text` (default) measures on calibration text, `--metric nll`
+//! (mean NLL increase, default) or `--metric kl` (mean KL to the full model's next-token distribution);
+//! resumable: finished layers are kept in `<out>.partial` and reused when the command is run again.
+//! `--source lexi` is the data-free LExI-style profile (Gaussian inputs through each MoE layer alone;
+//! see `crate::lexi`): no text is read.
 
 use std::path::PathBuf;
 
@@ -8,8 +11,9 @@ use alloc_core::Calibration;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::lexi::{measure_lexi_profile, LexiJob};
 use crate::methods::ModelShape;
-use crate::profiling::{measure_profile, ProfileJob};
+use crate::profiling::{measure_profile, ProfileJob, ProfileMetric};
 use crate::results::write_atomic;
 use crate::scorer::Scorer;
 use crate::tasks::text;
@@ -41,9 +45,30 @@ pub struct Args {
     /// Most tokens per forward pass.
     #[arg(long, default_value_t = 8192)]
     pub batch_tokens: usize,
+    /// What the text profile measures: nll (mean NLL increase) or kl (mean KL to the full model).
+    #[arg(long, value_enum, default_value = "nll")]
+    pub metric: ProfileMetric,
+    /// Where the sensitivity comes from: text (calibration text) or lexi (data-free Gaussian inputs).
+    #[arg(long, value_enum, default_value = "text")]
+    pub source: Source,
+    /// Gaussian vectors per layer of the LExI-style profile.
+    #[arg(long, default_value_t = 8192)]
+    pub lexi_tokens: usize,
+    /// Seed of the LExI-style profile's Gaussian inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Output JSON file.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// Where a profile's sensitivity comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// Calibration text, one forward pass of the whole model per layer and k.
+    Text,
+    /// Data-free: Gaussian inputs through each MoE layer alone (LExI-style).
+    Lexi,
 }
 
 /// Run `eval profile`.
@@ -54,6 +79,19 @@ pub fn run(args: Args) -> Result<()> {
     let tokenizer = crate::cmd::sweep::load_tokenizer(&args.model)?;
     let info = model.info().clone();
     let shape = ModelShape { moe_layers: info.moe_layers.clone(), native_k: info.native_k, experts: info.n_routed_experts };
+    let name = crate::cmd::sweep::model_name(&args.model);
+    if args.source == Source::Lexi {
+        if args.metric != ProfileMetric::Nll {
+            anyhow::bail!("--metric applies to --source text; the LExI-style profile measures output deviation");
+        }
+        let job = LexiJob { model: name, tokens: args.lexi_tokens, seed: args.seed, k_values: args.k.clone(), renormalize: Default::default() };
+        let bar = ProgressBar::new(crate::lexi::passes(&shape, &args.k) as u64);
+        let profile = measure_lexi_profile(&model, &shape, &job, || bar.inc(1))?;
+        bar.finish_and_clear();
+        write_atomic(&args.out, profile.to_json().as_bytes()).with_context(|| format!("cannot write {}", args.out.display()))?;
+        println!("{}", args.out.display());
+        return Ok(());
+    }
     let text_s = text::read_text(&args.text)?;
     let calib = text::tokenize_into_sequences(&tokenizer, &text_s, args.seq_len, 0, args.calib_tokens)?;
     let scorer = Scorer { model: &model, renormalize: Default::default(), batch_tokens: args.batch_tokens.max(args.seq_len), head_chunk: 2048 };
@@ -66,7 +104,6 @@ pub fn run(args: Args) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let name = crate::cmd::sweep::model_name(&args.model);
     let job = ProfileJob {
         model: name,
         scorer: &scorer,
@@ -80,6 +117,7 @@ pub fn run(args: Args) -> Result<()> {
             sha256: None,
             reference_nll: None,
         },
+        metric: args.metric,
     };
     let profile = measure_profile(&job, partial, |p| write_atomic(&partial_path, p.to_json().as_bytes()), || bar.inc(1))?;
     bar.finish_and_clear();
