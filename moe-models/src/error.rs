@@ -119,6 +119,9 @@ pub enum Error {
     /// The caller passed inputs that do not fit the model or each other.
     #[error("invalid input: {0}")]
     Input(String),
+    /// A CUDA graph could not be made, captured or replayed.
+    #[error("CUDA graph decode")]
+    Graph(#[from] cuda_graph::Error),
 }
 
 impl Error {

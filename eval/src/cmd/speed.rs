@@ -40,6 +40,31 @@ pub struct Args {
     /// Timed repeats (median reported).
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
+    /// Capture the decode step in a CUDA graph: auto (on CUDA when compiled in), on, off.
+    #[arg(long, default_value = "auto")]
+    pub graph: String,
+}
+
+/// Median ms per token of `steps`-token runs through a captured decode graph (one decoder, one capture;
+/// the preallocated cache holds the prompt and every timed step).
+fn decode_graph(model: &Model, ctx: &mut ForwardCtx<'_>, prompt: &Tensor, steps: usize, repeats: usize) -> Result<f64> {
+    let device = model.info().device;
+    let capacity = prompt.size()[1] as usize + steps * (repeats + 1) + 1;
+    let mut dec = moe_models::GraphDecoder::new(model, prompt, capacity, ctx)?;
+    for _ in 0..steps {
+        dec.step()?;
+    }
+    sync(device);
+    let mut times = Vec::new();
+    for _ in 0..repeats {
+        let s = Instant::now();
+        for _ in 0..steps {
+            dec.step()?;
+        }
+        sync(device);
+        times.push(s.elapsed().as_secs_f64() * 1e3 / steps as f64);
+    }
+    Ok(median(times))
 }
 
 fn prefill(model: &Model, ctx: &mut ForwardCtx<'_>, ids: &Tensor) -> Result<()> {
@@ -92,21 +117,17 @@ pub fn run(args: Args) -> Result<()> {
     let prefill_ms = median(times);
 
     let prompt = Tensor::f_randint(vocab, [1, args.context], (Kind::Int64, device))?;
-    decode(&model, &policy, &prompt, 3)?;
-    sync(device);
-    let mut times = Vec::new();
-    for _ in 0..repeats {
-        // The prompt's prefill is timed separately and subtracted.
-        let s = Instant::now();
-        decode(&model, &policy, &prompt, 1)?;
-        sync(device);
-        let first = s.elapsed().as_secs_f64();
-        let s = Instant::now();
-        decode(&model, &policy, &prompt, args.decode_tokens + 1)?;
-        sync(device);
-        times.push((s.elapsed().as_secs_f64() - first) * 1e3 / args.decode_tokens as f64);
-    }
-    let decode_ms = median(times);
+    let graph = match args.graph.as_str() {
+        "auto" => device.is_cuda() && cuda_graph::compiled(),
+        "on" => true,
+        "off" => false,
+        g => bail!("--graph `{g}`: auto, on or off"),
+    };
+    let decode_ms = if graph {
+        decode_graph(&model, &mut ctx, &prompt, args.decode_tokens, repeats)?
+    } else {
+        decode_eager(&model, &policy, &prompt, args.decode_tokens, repeats)?
+    };
     let record = serde_json::json!({
         "model_type": info.model_type,
         "weights": if args.random { "random" } else { "checkpoint" },
@@ -114,9 +135,35 @@ pub fn run(args: Args) -> Result<()> {
         "prefill": {"batch": args.batch, "len": args.len, "ms": prefill_ms,
                     "tokens_per_s": (args.batch * args.len) as f64 / (prefill_ms / 1e3)},
         "decode": {"context": args.context, "tokens": args.decode_tokens, "ms_per_token": decode_ms,
-                   "tokens_per_s": 1e3 / decode_ms},
+                   "tokens_per_s": 1e3 / decode_ms, "cuda_graph": graph},
         "repeats": repeats,
     });
     println!("{record}");
     Ok(())
+}
+
+/// Median ms per token of eager decoding (a growing cache, one forward per token).
+fn decode_eager(
+    model: &Model,
+    policy: &dyn alloc_token::device::DevicePolicy,
+    prompt: &Tensor,
+    steps: usize,
+    repeats: usize,
+) -> Result<f64> {
+    let device = model.info().device;
+    decode(model, policy, prompt, 3)?;
+    sync(device);
+    let mut times = Vec::new();
+    for _ in 0..repeats {
+        // The prompt's prefill is timed separately and subtracted.
+        let s = Instant::now();
+        decode(model, policy, prompt, 1)?;
+        sync(device);
+        let first = s.elapsed().as_secs_f64();
+        let s = Instant::now();
+        decode(model, policy, prompt, steps + 1)?;
+        sync(device);
+        times.push((s.elapsed().as_secs_f64() - first) * 1e3 / steps as f64);
+    }
+    Ok(median(times))
 }

@@ -27,12 +27,17 @@ pub struct StepPlan {
     pub mask: Tensor,
     /// Whether any padding is present (a `mask` was given).
     pub has_padding: bool,
-    /// `(b, past + t)` bool: which keys are real.
+    /// `(b, s)` bool: which keys are real. `s = past + t` for a growing cache (or none), the capacity
+    /// for a preallocated one (whose unwritten slots are false).
     pub key_valid: Tensor,
-    /// `(b, 1, t, past + t)` f32 additive bias: 0 where query may attend, -inf elsewhere.
+    /// `(b, 1, t, s)` f32 additive bias: 0 where query may attend, -inf elsewhere.
     pub bias: Tensor,
     /// `(b)` i64: the next position of each sequence after this call.
     pub next_pos: Tensor,
+    /// `(t, 1)` i64: the cache slot of each new token (`past + i`).
+    pub q_slot: Tensor,
+    /// `(1, s)` i64: the cache slot of each key.
+    pub k_slot: Tensor,
 }
 
 impl StepPlan {
@@ -59,37 +64,44 @@ impl StepPlan {
             }
             None => (Tensor::f_ones([b, t], (Kind::Bool, device))?, false),
         };
-        let (past, start, past_valid) = match cache {
-            Some(c) if !c.is_empty() => {
+        let has_padding = has_padding || cache.is_some_and(|c| c.has_padding());
+        // Where the new tokens go and what they may see: `start` (b) next positions, `key_valid` (b, s),
+        // `q_abs` (t, 1) slots of the queries, `k_abs` (1, s) slots of the keys.
+        let (past, start, key_valid, q_abs, k_abs) = match (cache, cache.and_then(|c| c.write_slots())) {
+            // Preallocated: all from device state with fixed shapes (keys span the capacity), so the same
+            // operations are valid in every step of a captured graph.
+            (Some(c), Some(slots)) => {
+                let (kv, np) = c.seq_state().ok_or_else(|| Error::Input("cache has no sequence state".into()))?;
+                let k_abs = Tensor::f_arange(kv.size()[1], (Kind::Int64, device))?.f_unsqueeze(0)?;
+                (c.len() as i64, np.shallow_clone(), kv.f_index_copy(1, slots, &mask)?, slots.f_unsqueeze(1)?, k_abs)
+            }
+            (Some(c), None) if !c.is_empty() => {
                 let (kv, np) = c.seq_state().ok_or_else(|| Error::Input("cache has no sequence state".into()))?;
                 if kv.size()[0] != b {
                     return Err(Error::Input(format!("cache batch {} != ids batch {b}", kv.size()[0])));
                 }
-                (c.len() as i64, np.shallow_clone(), Some(kv.shallow_clone()))
+                let past = c.len() as i64;
+                let q_abs = Tensor::f_arange_start(past, past + t, (Kind::Int64, device))?.f_unsqueeze(1)?;
+                let k_abs = Tensor::f_arange(past + t, (Kind::Int64, device))?.f_unsqueeze(0)?;
+                (past, np.shallow_clone(), Tensor::f_cat(&[kv, &mask], 1)?, q_abs, k_abs)
             }
-            _ => (0, Tensor::f_zeros([b], (Kind::Int64, device))?, None),
+            _ => {
+                let q_abs = Tensor::f_arange(t, (Kind::Int64, device))?.f_unsqueeze(1)?;
+                let k_abs = Tensor::f_arange(t, (Kind::Int64, device))?.f_unsqueeze(0)?;
+                (0, Tensor::f_zeros([b], (Kind::Int64, device))?, mask.shallow_clone(), q_abs, k_abs)
+            }
         };
-        let has_padding = has_padding || cache.is_some_and(|c| c.has_padding());
         let counts = mask.f_cumsum(1, Kind::Int64)?; // (b, t)
         let positions = counts.f_add(&start.f_unsqueeze(1)?)?.f_sub_scalar(1)?.f_clamp_min(0)?;
         let next_pos = start.f_add(&mask.f_sum_dim_intlist(1, false, Kind::Int64)?)?;
-        let key_valid = match past_valid {
-            Some(pv) => Tensor::f_cat(&[pv, mask.shallow_clone()], 1)?,
-            None => mask.shallow_clone(),
-        };
-        let s = past + t;
-        let q_abs = Tensor::f_arange_start(past, s, (Kind::Int64, device))?.f_unsqueeze(1)?; // (t, 1)
-        let k_abs = Tensor::f_arange(s, (Kind::Int64, device))?.f_unsqueeze(0)?; // (1, s)
         let causal = k_abs.f_le_tensor(&q_abs)?; // (t, s)
         let is_self = k_abs.f_eq_tensor(&q_abs)?;
         let allowed = causal
             .f_unsqueeze(0)?
             .f_logical_and(&key_valid.f_unsqueeze(1)?)?
             .f_logical_or(&is_self.f_unsqueeze(0)?)?; // (b, t, s)
-        let zero = Tensor::f_zeros([1], (Kind::Float, device))?;
-        let neg = Tensor::f_full([1], f64::NEG_INFINITY, (Kind::Float, device))?;
-        let bias = zero.f_where_self(&allowed, &neg)?.f_unsqueeze(1)?; // (b, 1, t, s)
-        Ok(Self { b, t, past, positions, mask, has_padding, key_valid, bias, next_pos })
+        let bias = additive_bias(&allowed)?;
+        Ok(Self { b, t, past, positions, mask, has_padding, key_valid, bias, next_pos, q_slot: q_abs, k_slot: k_abs })
     }
 
     /// [`StepPlan::bias`] restricted to a sliding window of `window` keys: query slot `i` may also
@@ -100,13 +112,18 @@ impl StepPlan {
             return Err(Error::Config { key: "sliding_window".into(), msg: format!("{window} is not a positive window") });
         }
         let device = self.bias.device();
-        let s = self.past + self.t;
-        let q_abs = Tensor::f_arange_start(self.past, s, (Kind::Int64, device))?.f_unsqueeze(1)?; // (t, 1)
-        let k_abs = Tensor::f_arange(s, (Kind::Int64, device))?.f_unsqueeze(0)?; // (1, s)
-        let inside = q_abs.f_sub(&k_abs)?.f_lt(window)?.f_unsqueeze(0)?.f_unsqueeze(0)?; // (1, 1, t, s)
+        let inside = self.q_slot.f_sub(&self.k_slot)?.f_lt(window)?.f_unsqueeze(0)?.f_unsqueeze(0)?; // (1, 1, t, s)
         let neg = Tensor::f_full([1], f64::NEG_INFINITY, (Kind::Float, device))?;
         self.bias.f_where_self(&inside, &neg).ctx("sliding window")
     }
+}
+
+/// `(b, t, s)` bool allowed -> `(b, 1, t, s)` f32: 0 where allowed, -inf elsewhere.
+fn additive_bias(allowed: &Tensor) -> Result<Tensor> {
+    let device = allowed.device();
+    let zero = Tensor::f_zeros([1], (Kind::Float, device))?;
+    let neg = Tensor::f_full([1], f64::NEG_INFINITY, (Kind::Float, device))?;
+    Ok(zero.f_where_self(allowed, &neg)?.f_unsqueeze(1)?)
 }
 
 /// Eager attention: `softmax(q k^T * scale + bias) v` with the softmax in f32, as transformers' eager

@@ -199,6 +199,9 @@ impl<A: SelfAttention> Decoder<A> {
     pub fn forward_hidden(&self, ids: &Tensor, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let device = self.info.device;
+        if let (Some(cache), &[b, t]) = (ctx.cache.as_deref_mut(), &ids.size()[..]) {
+            cache.begin_step(b, t, device)?;
+        }
         let plan = StepPlan::new(ids, ctx.mask, ctx.cache.as_deref(), device)?;
         let ids = ids.f_to_device(device)?;
         let mut x = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false).ctx("embed_tokens")?; // (b, t, h)
@@ -227,7 +230,7 @@ impl<A: SelfAttention> Decoder<A> {
         }
         if let Some(cache) = ctx.cache.as_deref_mut() {
             let p = step.plan;
-            cache.commit(p.t as usize, p.key_valid, p.next_pos, p.has_padding);
+            cache.commit(p.t as usize, p.key_valid, p.next_pos, p.has_padding)?;
         }
         self.norm.forward(&x).ctx("norm")
     }

@@ -64,27 +64,29 @@ pub fn compare(a: &Tensor, b: &Tensor, mask: &Tensor, rtol: f64, atol: f64) -> (
 }
 
 /// Prefill the first half, then decode one token at a time; every real token's logits must equal the
-/// uncached forward's.
+/// uncached forward's, with a growing cache and with a preallocated one (three slots more than needed,
+/// so unwritten slots must stay masked).
 pub fn check_cached_decode(g: &Golden, name: &str, mla: MlaPath) {
     let policy = g.policy();
     let full = g.logits(&mut ForwardCtx::new(&policy).with_mask(g.mask()));
     let t = g.ids().size()[1];
     let p = t / 2;
-    let mut cache = KvCache::new();
-    let mut steps = Vec::new();
-    let mut start = 0;
-    while start < t {
-        let len = if start == 0 { p } else { 1 };
-        let ids = g.ids().narrow(1, start, len);
-        let mask = g.mask().narrow(1, start, len);
-        let mut ctx = ForwardCtx::new(&policy).with_mask(&mask).with_cache(&mut cache).with_mla(mla);
-        let h = g.model.forward_hidden(&ids, &mut ctx).expect("step");
-        steps.push(g.model.lm_head(&h).expect("head"));
-        start += len;
+    for (layout, mut cache) in [("growing", KvCache::new()), ("preallocated", KvCache::with_capacity(t as usize + 3))] {
+        let mut steps = Vec::new();
+        let mut start = 0;
+        while start < t {
+            let len = if start == 0 { p } else { 1 };
+            let ids = g.ids().narrow(1, start, len);
+            let mask = g.mask().narrow(1, start, len);
+            let mut ctx = ForwardCtx::new(&policy).with_mask(&mask).with_cache(&mut cache).with_mla(mla);
+            let h = g.model.forward_hidden(&ids, &mut ctx).expect("step");
+            steps.push(g.model.lm_head(&h).expect("head"));
+            start += len;
+        }
+        assert_eq!(cache.len() as i64, t);
+        let cached = Tensor::cat(&steps, 1);
+        let (err, ok) = compare(&cached, &full, g.mask(), RTOL, 1e-4);
+        eprintln!("{name} ({mla:?}, {layout} cache): max |cached - uncached| {err:.3e}");
+        assert!(ok, "{name}: {layout}-cache decode differs from the uncached forward ({err:.3e})");
     }
-    assert_eq!(cache.len() as i64, t);
-    let cached = Tensor::cat(&steps, 1);
-    let (err, ok) = compare(&cached, &full, g.mask(), RTOL, 1e-4);
-    eprintln!("{name} ({mla:?}): max |cached - uncached| {err:.3e}");
-    assert!(ok, "{name}: cached decode differs from the uncached forward ({err:.3e})");
 }

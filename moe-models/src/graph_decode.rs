@@ -1,0 +1,142 @@
+//! Greedy decoding with the whole decode step (every layer, the LM head and the argmax) captured once in
+//! a CUDA graph and replayed per token, so a token costs one launch instead of thousands.
+//!
+//! The prompt is prefilled eagerly into a preallocated [`KvCache`]; then one step is warmed up, the cache
+//! is rewound, and the step is captured. Each replay reads the token in [`GraphDecoder::tokens`],
+//! appends to the cache in place, and writes the greedy next token back into the same buffer: no host
+//! synchronisation and no host work per token. The routing policy, mixing rule and dispatch are fixed at
+//! capture (a per-layer Alloc-L allocation included); the policy must not synchronise with the host
+//! (alloc-token's device policies do not).
+//!
+//! ```no_run
+//! # fn main() -> moe_models::Result<()> {
+//! use alloc_token::device::DeviceTopK;
+//! use moe_models::{ForwardCtx, GraphDecoder};
+//! use tch::{Device, Kind, Tensor};
+//! let model = moe_models::load("ckpt".as_ref(), Device::Cuda(0), Kind::BFloat16)?;
+//! let policy = DeviceTopK { k: 3 };
+//! let prompt = Tensor::from_slice2(&[[1i64, 2, 3]]).to_device(Device::Cuda(0));
+//! let mut dec = GraphDecoder::new(&model, &prompt, 64, &mut ForwardCtx::new(&policy))?;
+//! let mut out = vec![dec.tokens().copy()];
+//! for _ in 0..10 {
+//!     dec.step()?;                     // asynchronous
+//!     out.push(dec.tokens().copy());   // (b, 1) on the device
+//! }
+//! # Ok(()) }
+//! ```
+
+use cuda_graph::CudaGraph;
+use tch::Tensor;
+
+use crate::cache::KvCache;
+use crate::ctx::ForwardCtx;
+use crate::error::{Error, Result, TorchContext};
+use crate::model::Model;
+
+/// A batch of sequences decoding greedily through a captured CUDA graph.
+#[derive(Debug)]
+pub struct GraphDecoder<'m> {
+    model: &'m Model,
+    cache: KvCache,
+    graph: CudaGraph,
+    /// `(b, 1)` i64: the token each sequence feeds next; every replay overwrites it with the next one.
+    tokens: Tensor,
+}
+
+/// One greedy step: feed `tokens`, append to `cache`, write the argmax back into `tokens`.
+fn greedy_step(model: &Model, template: &ForwardCtx<'_>, cache: &mut KvCache, tokens: &mut Tensor) -> Result<()> {
+    let mut ctx = ForwardCtx {
+        policy: template.policy,
+        mask: None,
+        cache: Some(cache),
+        renormalize: template.renormalize,
+        trace: None,
+        dispatch: template.dispatch,
+        mla: template.mla,
+    };
+    let h = model.forward_hidden(tokens, &mut ctx)?; // (b, 1, h)
+    let next = model.lm_head(&h)?.f_argmax(-1, false)?; // (b, 1)
+    tokens.f_copy_(&next).ctx("decode: next token")?;
+    Ok(())
+}
+
+impl<'m> GraphDecoder<'m> {
+    /// Prefill `prompt` `(b, t)` (with `ctx.mask` as its padding mask, if any) into a preallocated cache
+    /// of `capacity` slots per sequence, take the greedy first token, and capture one decode step with
+    /// `ctx`'s policy, mixing rule, dispatch and MLA path. The model must be on a CUDA device; `ctx`'s
+    /// cache is ignored and a trace is refused (a replayed graph would overwrite it).
+    pub fn new(model: &'m Model, prompt: &Tensor, capacity: usize, ctx: &mut ForwardCtx<'_>) -> Result<Self> {
+        let device = model.info().device;
+        if ctx.trace.is_some() {
+            return Err(Error::Input("a routing trace cannot be recorded by a CUDA graph decode".into()));
+        }
+        let t = prompt.size().last().copied().unwrap_or(0) as usize;
+        if t + 1 > capacity {
+            return Err(Error::Input(format!("capacity {capacity} leaves no room to decode after a {t}-token prompt")));
+        }
+        let mut graph = CudaGraph::new(device)?;
+        let mut cache = KvCache::with_capacity(capacity);
+        let mut tokens = {
+            let mut pre = ForwardCtx {
+                policy: ctx.policy,
+                mask: ctx.mask,
+                cache: Some(&mut cache),
+                renormalize: ctx.renormalize,
+                trace: None,
+                dispatch: ctx.dispatch,
+                mla: ctx.mla,
+            };
+            let h = model.forward_hidden(&prompt.f_to_device(device)?, &mut pre)?;
+            let last = h.f_narrow(1, h.size()[1] - 1, 1)?;
+            model.lm_head(&last)?.f_argmax(-1, false)? // (b, 1)
+        };
+        let template = ForwardCtx { cache: None, trace: None, mask: None, ..*ctx };
+        // Warm up on the graph's stream (lazy libtorch/cuBLAS set-up must not happen inside capture),
+        // then rewind the cache and the token so the captured step starts from the prefilled state.
+        let mark = cache.mark()?;
+        let first = tokens.f_detach_copy()?;
+        for _ in 0..2 {
+            graph.warm_up(|| greedy_step(model, &template, &mut cache, &mut tokens))??;
+        }
+        cache.restore(&mark)?;
+        tokens.f_copy_(&first)?;
+        graph.capture(|| greedy_step(model, &template, &mut cache, &mut tokens))??;
+        // Capture ran the host side of the step (the cache counted one step) but no kernel.
+        cache.restore(&mark)?;
+        Ok(Self { model, cache, graph, tokens })
+    }
+
+    /// Decode one token for every sequence (asynchronous: returns once the graph is launched). Fails
+    /// when the cache is full.
+    pub fn step(&mut self) -> Result<()> {
+        if let Some(cap) = self.cache.capacity() {
+            if self.cache.len() + 1 > cap {
+                return Err(Error::Input(format!("the decode cache is full ({cap} slots)")));
+            }
+        }
+        self.graph.replay()?;
+        self.cache.advance_host(1);
+        Ok(())
+    }
+
+    /// `(b, 1)` i64 on the device: the newest token of each sequence (the prompt's greedy continuation
+    /// before the first [`GraphDecoder::step`]). Copy it to keep it: the next step overwrites it.
+    pub fn tokens(&self) -> &Tensor {
+        &self.tokens
+    }
+
+    /// Tokens held by the cache per sequence (prompt included).
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Whether nothing is cached (never true after [`GraphDecoder::new`]).
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    /// The model being decoded.
+    pub fn model(&self) -> &Model {
+        self.model
+    }
+}
