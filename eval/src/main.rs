@@ -38,8 +38,10 @@ enum Command {
     Logits(cmd::logits::Args),
     /// Greedy generation with the KV cache, for a human check of a checkpoint.
     Generate(cmd::generate::Args),
-    /// Prefill and decode throughput (a checkpoint, or random weights at a config's shapes).
-    Speed(cmd::speed::Args),
+    /// Prefill and decode speed at several budgets, side by side (a checkpoint, or random weights at a
+    /// config's shapes); CUDA-graph decode on CUDA.
+    #[command(alias = "speed")]
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -52,7 +54,7 @@ fn main() -> std::process::ExitCode {
         Command::Profile(args) => cmd::profile::run(args),
         Command::Logits(args) => cmd::logits::run(args),
         Command::Generate(args) => cmd::generate::run(args),
-        Command::Speed(args) => cmd::speed::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

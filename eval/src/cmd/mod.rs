@@ -1,10 +1,10 @@
 //! One module per subcommand.
 
+pub mod bench;
 pub mod generate;
 pub mod logits;
 pub mod plot;
 pub mod profile;
 pub mod route;
 pub mod solve;
-pub mod speed;
 pub mod sweep;

@@ -131,7 +131,9 @@ fn additive_bias(allowed: &Tensor) -> Result<Tensor> {
 /// Returns `(b, h, t, dv)` in `q`'s dtype.
 pub fn eager_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let scores = q.f_matmul(&k.f_transpose(-2, -1)?)?; // (b, h, t, s)
-    let scores = scores.f_to_kind(Kind::Float)?.f_mul_scalar(scale)?.f_add(bias)?;
+    // bias + scores * scale in one kernel, in f32 (type promotion); the scale is a host scalar.
+    let scale = Tensor::from(scale as f32);
+    let scores = bias.f_addcmul(&scores, &scale)?;
     let p = scores.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?;
     p.f_matmul(v).ctx("attention")
 }

@@ -102,29 +102,27 @@ impl Experts {
         let w = ids.size()[1];
         let e = self.num_experts;
         let dev = x.device();
-        let flat = ids.f_reshape([-1])?; // (n w)
-        // Send "no expert" to a sentinel group past the last expert so the sort puts it at the tail,
-        // beyond the last offset, where grouped_mm does not compute.
-        let sentinel = Tensor::f_full([1], e, (Kind::Int64, dev))?;
-        let keyed = flat.f_where_self(&flat.f_ge(0)?, &sentinel)?;
+        // Few kernels on purpose: at batch-1 decode this block runs once per MoE layer per token, and
+        // every kernel launch costs about as much as the small ones themselves.
+        // "No expert" (-1) becomes group e (-1 mod (e + 1) = e), past the last offset: the sort puts it
+        // at the tail, where grouped_mm does not compute.
+        let keyed = ids.f_reshape([-1])?.f_remainder(e + 1)?; // (m)
         let (sorted, perm) = keyed.f_sort_stable(true, 0, false)?; // (m)
         let token = perm.f_floor_divide_scalar(w)?; // (m)
-        let valid = sorted.f_lt(e)?.f_unsqueeze(1)?; // (m, 1)
-        let counts = Tensor::f_zeros([e + 1], (Kind::Int64, dev))?.f_scatter_add(0, &sorted, &sorted.f_ones_like()?)?;
-        let offs = counts.f_narrow(0, 0, e)?.f_cumsum(0, Kind::Int)?; // (e) int32 group ends
+        let unused = sorted.f_ge(e)?.f_unsqueeze(1)?; // (m, 1): rows past the last offset (uninitialised)
+        // Group ends: how many sorted keys are <= j, for j in 0..e.
+        let groups = Tensor::f_arange(e, (Kind::Int64, dev))?;
+        let offs = groups.f_searchsorted(&sorted, true, true, "right", None::<&Tensor>)?; // (e) int32
         let xg = x.f_index_select(0, &token)?; // (m, h)
         let gu = xg.f_internal_grouped_mm(&self.gate_up_proj.f_transpose(1, 2)?, Some(&offs), None::<&Tensor>, None)?;
-        let zero = Tensor::f_zeros([1], (gu.kind(), dev))?;
-        let gu = gu.f_where_self(&valid, &zero)?; // rows past the last offset are uninitialised
-        let act = Self::swiglu(&gu)?; // (m, i)
+        let act = Self::swiglu(&gu.f_masked_fill(&unused, 0.0)?)?; // (m, i)
         let y = act.f_internal_grouped_mm(&self.down_proj.f_transpose(1, 2)?, Some(&offs), None::<&Tensor>, None)?;
         let wg = weights.f_reshape([-1])?.f_index_select(0, &perm)?.f_unsqueeze(1)?; // (m, 1) f32
-        let y = y.f_to_kind(Kind::Float)?.f_mul(&wg)?;
-        let y = y.f_where_self(&valid, &Tensor::f_zeros([1], (Kind::Float, dev))?)?; // (m, h)
+        let y = y.f_masked_fill(&unused, 0.0)?.f_mul(&wg)?; // (m, h) f32 (type promotion)
         // Back to (token, slot) order and sum the slots: deterministic, and no `index_add`, which is
         // pathologically slow on the CPU (~30 ms for one row on this machine's libtorch).
-        let inv = perm.f_argsort(0, false)?;
-        let out = y.f_index_select(0, &inv)?.f_reshape([n, w, h])?.f_sum_dim_intlist(1, false, Kind::Float)?;
+        let by_slot = Tensor::f_zeros_like(&y)?.f_index_copy(0, &perm, &y)?;
+        let out = by_slot.f_reshape([n, w, h])?.f_sum_dim_intlist(1, false, Kind::Float)?;
         out.f_to_kind(x.kind()).ctx("moe.experts.grouped")
     }
 
@@ -328,9 +326,7 @@ pub fn is_sparse_layer(i: usize, mlp_only_layers: &[usize], num_experts: usize, 
 /// scaled, as the family's table says for option `r`.
 pub fn mixing_weights(probs: &Tensor, ids: &Tensor, r: Renormalize, table: &MixingTable) -> Result<Tensor> {
     let m = table.get(r);
-    let chosen = ids.f_ge(0)?;
-    let w = probs.f_gather(1, &ids.f_clamp_min(0)?, false)?;
-    let mut w = w.f_mul(&chosen.f_to_kind(Kind::Float)?)?;
+    let mut w = probs.f_gather(1, &ids.f_clamp_min(0)?, false)?.f_masked_fill(&ids.f_lt(0)?, 0.0)?;
     if m.renormalize {
         let denom = w.f_sum_dim_intlist(-1, true, Kind::Float)?.f_add_scalar(1e-20)?;
         w = w.f_div(&denom)?;

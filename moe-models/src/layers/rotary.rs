@@ -205,32 +205,30 @@ impl Rotary {
     }
 
     /// Rotate `x` of shape `(b, heads, t, dim)` (computed in f32, returned in `x`'s dtype).
+    ///
+    /// Each rotary pair is a complex number multiplied by `cos + i sin`: one complex kernel instead of
+    /// six real ones (the products and sums are the same, in f32).
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let kind = x.kind();
-        let x = x.f_to_kind(Kind::Float)?;
-        let cos = cos.f_unsqueeze(1)?; // (b, 1, t, d/2)
-        let sin = sin.f_unsqueeze(1)?;
+        let rot = Tensor::f_complex(&cos.f_unsqueeze(1)?, &sin.f_unsqueeze(1)?)?; // (b, 1, t, d/2) complex
         let size = x.size();
         let half = (self.dim / 2) as i64;
+        let mut pairs = size.clone();
+        let last = pairs.len() - 1;
         let out = match self.style {
             RopeStyle::Interleaved => {
-                let mut pairs = size.clone();
-                let last = pairs.len() - 1;
+                // (.., d) -> (.., d/2, 2): pair j is (x[2j], x[2j+1]).
                 pairs[last] = half;
                 pairs.push(2);
-                let xp = x.f_reshape(&pairs)?; // (b, h, t, d/2, 2)
-                let x0 = xp.f_select(-1, 0)?;
-                let x1 = xp.f_select(-1, 1)?;
-                let o0 = x0.f_mul(&cos)?.f_sub(&x1.f_mul(&sin)?)?;
-                let o1 = x0.f_mul(&sin)?.f_add(&x1.f_mul(&cos)?)?;
-                Tensor::f_stack(&[o0, o1], -1)?.f_reshape(&size)?
+                let xc = x.f_reshape(&pairs)?.f_to_kind(Kind::Float)?.f_contiguous()?.f_view_as_complex()?;
+                xc.f_mul(&rot)?.f_view_as_real()?.f_reshape(&size)?
             }
             RopeStyle::HalfSplit => {
-                let x1 = x.f_narrow(-1, 0, half)?;
-                let x2 = x.f_narrow(-1, half, half)?;
-                let o1 = x1.f_mul(&cos)?.f_sub(&x2.f_mul(&sin)?)?;
-                let o2 = x2.f_mul(&cos)?.f_add(&x1.f_mul(&sin)?)?;
-                Tensor::f_cat(&[o1, o2], -1)?
+                // (.., d) -> (.., 2, d/2) -> (.., d/2, 2): pair j is (x[j], x[j + d/2]).
+                pairs[last] = 2;
+                pairs.push(half);
+                let xc = x.f_reshape(&pairs)?.f_transpose(-1, -2)?.f_to_kind(Kind::Float)?.f_contiguous()?.f_view_as_complex()?;
+                xc.f_mul(&rot)?.f_view_as_real()?.f_transpose(-1, -2)?.f_reshape(&size)?
             }
         };
         out.f_to_kind(kind).ctx("rotary")

@@ -1,0 +1,283 @@
+//! `eval bench` (alias `speed`): prefill and decode speed of a checkpoint, or of random weights at a
+//! config's real shapes, at several budgets in one process, side by side.
+//!
+//! For each budget (a uniform top-k, or a per-layer Alloc-L allocation file): prefill =
+//! `batch x len` random tokens, forward plus the LM head on the last position; decode = `decode_batch`
+//! sequences with a `context`-token prompt, then `decode_tokens` greedy steps, the next token kept on the
+//! device. On CUDA the decode step is captured once in a CUDA graph and replayed per token
+//! ([`moe_models::GraphDecoder`]); `--graph off` decodes eagerly with a growing cache. Warm-up first;
+//! CUDA is synchronised before every clock read; medians of `repeats`. Prints a table (speed-ups against
+//! the first budget) and writes JSON with provenance when `--out` is given.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use alloc_core::LayerAllocation;
+use alloc_token::device::{DevicePolicy, DeviceTopK};
+use alloc_token::PerLayerTopK;
+use anyhow::{bail, Context, Result};
+use moe_models::tch::{self, Kind, Tensor};
+use moe_models::{ForwardCtx, GraphDecoder, KvCache, Model};
+
+use super::logits::RunFlags;
+use crate::device::{median, sync};
+
+/// Arguments of `eval bench`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model, device, dtype and mixing rule (--policy/--k are replaced by --ks/--allocation here).
+    #[command(flatten)]
+    pub run: RunFlags,
+    /// Treat --model as a config.json and build random weights at its shapes
+    /// (e.g. --model moe-models/configs/deepseek_v2_lite.json --random).
+    #[arg(long)]
+    pub random: bool,
+    /// Uniform top-k budgets to compare, comma-separated (default: the native k and half of it).
+    #[arg(long, value_delimiter = ',')]
+    pub ks: Vec<usize>,
+    /// Also measure a per-layer allocation (LayerAllocation JSON, e.g. from `eval solve --json`).
+    #[arg(long)]
+    pub allocation: Option<PathBuf>,
+    /// Prefill batch size.
+    #[arg(long, default_value_t = 8)]
+    pub batch: i64,
+    /// Prefill tokens per sequence.
+    #[arg(long, default_value_t = 1024)]
+    pub len: i64,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    pub decode_batch: i64,
+    /// Decode prompt length.
+    #[arg(long, default_value_t = 32)]
+    pub context: i64,
+    /// Decode steps per measurement.
+    #[arg(long, default_value_t = 64)]
+    pub decode_tokens: usize,
+    /// Timed repeats (median reported).
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Capture the decode step in a CUDA graph: auto (on CUDA when compiled in), on, off.
+    #[arg(long, default_value = "auto")]
+    pub graph: String,
+    /// Skip prefill or decode: both, prefill, decode.
+    #[arg(long, default_value = "both")]
+    pub phases: String,
+    /// Write the rows and provenance here (JSON, atomically).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// One budget's measurements.
+#[derive(Debug, serde::Serialize)]
+struct Row {
+    budget: String,
+    /// Routed activations per token summed over MoE layers.
+    activations_per_token: usize,
+    prefill_ms: Option<f64>,
+    prefill_tokens_per_s: Option<f64>,
+    decode_ms_per_token: Option<f64>,
+    decode_tokens_per_s: Option<f64>,
+}
+
+fn prefill(model: &Model, ctx: &mut ForwardCtx<'_>, ids: &Tensor) -> Result<()> {
+    let h = model.forward_hidden(ids, ctx)?;
+    let _ = model.lm_head(&h.f_narrow(1, h.size()[1] - 1, 1)?)?;
+    Ok(())
+}
+
+fn time_prefill(model: &Model, ctx: &mut ForwardCtx<'_>, ids: &Tensor, repeats: usize) -> Result<f64> {
+    let device = model.info().device;
+    prefill(model, ctx, ids)?;
+    sync(device);
+    let mut times = Vec::new();
+    for _ in 0..repeats {
+        let s = Instant::now();
+        prefill(model, ctx, ids)?;
+        sync(device);
+        times.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(times))
+}
+
+/// Median ms per step of `steps`-step runs through a captured decode graph (one decoder, one capture;
+/// the preallocated cache holds the prompt and every step).
+fn decode_graph(model: &Model, ctx: &mut ForwardCtx<'_>, prompt: &Tensor, steps: usize, repeats: usize) -> Result<f64> {
+    let device = model.info().device;
+    let capacity = prompt.size()[1] as usize + steps * (repeats + 1) + 1;
+    let mut dec = GraphDecoder::new(model, prompt, capacity, ctx)?;
+    for _ in 0..steps {
+        dec.step()?;
+    }
+    sync(device);
+    let mut times = Vec::new();
+    for _ in 0..repeats {
+        let s = Instant::now();
+        for _ in 0..steps {
+            dec.step()?;
+        }
+        sync(device);
+        times.push(s.elapsed().as_secs_f64() * 1e3 / steps as f64);
+    }
+    Ok(median(times))
+}
+
+/// Eager greedy decode of `steps` tokens after `prompt` with a growing cache.
+fn decode(model: &Model, ctx: &ForwardCtx<'_>, prompt: &Tensor, steps: usize) -> Result<()> {
+    let mut cache = KvCache::new();
+    let mut ctx = ForwardCtx { cache: Some(&mut cache), trace: None, mask: None, ..*ctx };
+    let mut ids = prompt.shallow_clone();
+    for _ in 0..steps {
+        let h = model.forward_hidden(&ids, &mut ctx)?;
+        let last = h.f_narrow(1, h.size()[1] - 1, 1)?;
+        ids = model.lm_head(&last)?.f_argmax(-1, false)?; // (b, 1), stays on the device
+    }
+    Ok(())
+}
+
+/// Median ms per step of eager decoding (the prompt's prefill timed separately and subtracted).
+fn decode_eager(model: &Model, ctx: &ForwardCtx<'_>, prompt: &Tensor, steps: usize, repeats: usize) -> Result<f64> {
+    let device = model.info().device;
+    decode(model, ctx, prompt, 3)?;
+    sync(device);
+    let mut times = Vec::new();
+    for _ in 0..repeats {
+        let s = Instant::now();
+        decode(model, ctx, prompt, 1)?;
+        sync(device);
+        let first = s.elapsed().as_secs_f64();
+        let s = Instant::now();
+        decode(model, ctx, prompt, steps + 1)?;
+        sync(device);
+        times.push((s.elapsed().as_secs_f64() - first) * 1e3 / steps as f64);
+    }
+    Ok(median(times))
+}
+
+/// The budgets to compare: `(label, policy, activations per token)`.
+fn budgets(args: &Args, model: &Model) -> Result<Vec<(String, Box<dyn DevicePolicy>, usize)>> {
+    let info = model.info();
+    let layers = info.moe_layers.len();
+    let mut ks = args.ks.clone();
+    if ks.is_empty() {
+        ks = vec![info.native_k, (info.native_k / 2).max(1)];
+        ks.dedup();
+    }
+    let mut out: Vec<(String, Box<dyn DevicePolicy>, usize)> = Vec::new();
+    for k in ks {
+        if k == 0 || k > info.n_routed_experts {
+            bail!("--ks: k = {k} is outside 1..={} (the layer's expert count)", info.n_routed_experts);
+        }
+        out.push((format!("top-{k}"), Box::new(DeviceTopK { k }), k * layers));
+    }
+    if let Some(path) = &args.allocation {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let allocation: LayerAllocation =
+            serde_json::from_str(&text).with_context(|| format!("{}: not a LayerAllocation JSON", path.display()))?;
+        allocation
+            .validate(&info.moe_layers, info.n_routed_experts as u32)
+            .with_context(|| format!("{}: does not fit this model", path.display()))?;
+        let total = allocation.total() as usize;
+        out.push((format!("alloc-l ({total})"), Box::new(PerLayerTopK::new(allocation)), total));
+    }
+    Ok(out)
+}
+
+/// Run `eval bench`.
+pub fn run(args: Args) -> Result<()> {
+    let device = args.run.device()?;
+    let kind = args.run.kind()?;
+    let model = match args.random.then_some(&args.run.model) {
+        Some(cfg) => {
+            if device.is_cuda() && !tch::Cuda::is_available() {
+                bail!("--device {}: CUDA is not available to this binary", args.run.device);
+            }
+            moe_models::load_random(cfg, device, kind, 0.02, 0).with_context(|| format!("random model from {}", cfg.display()))?
+        }
+        None => args.run.load()?,
+    };
+    let info = model.info().clone();
+    let vocab = info.vocab_size as i64;
+    let repeats = args.repeats.max(1);
+    let (do_prefill, do_decode) = match args.phases.as_str() {
+        "both" => (true, true),
+        "prefill" => (true, false),
+        "decode" => (false, true),
+        p => bail!("--phases `{p}`: both, prefill or decode"),
+    };
+    let graph = match args.graph.as_str() {
+        "auto" => device.is_cuda() && cuda_graph::compiled(),
+        "on" => true,
+        "off" => false,
+        g => bail!("--graph `{g}`: auto, on or off"),
+    };
+    if args.batch < 1 || args.len < 1 || args.decode_batch < 1 || args.context < 1 || args.decode_tokens == 0 {
+        bail!("--batch, --len, --decode-batch, --context and --decode-tokens must be at least 1");
+    }
+    let ids = Tensor::f_randint(vocab, [args.batch, args.len], (Kind::Int64, device))?;
+    let prompt = Tensor::f_randint(vocab, [args.decode_batch, args.context], (Kind::Int64, device))?;
+    let mut rows = Vec::new();
+    for (label, policy, activations) in budgets(&args, &model)? {
+        let mut ctx = ForwardCtx::new(policy.as_ref()).with_renormalize(args.run.renormalize);
+        let prefill_ms = if do_prefill { Some(time_prefill(&model, &mut ctx, &ids, repeats)?) } else { None };
+        let decode_ms = match (do_decode, graph) {
+            (false, _) => None,
+            (true, true) => Some(decode_graph(&model, &mut ctx, &prompt, args.decode_tokens, repeats)?),
+            (true, false) => Some(decode_eager(&model, &ctx, &prompt, args.decode_tokens, repeats)?),
+        };
+        eprintln!("bench: {label}: prefill {prefill_ms:?} ms, decode {decode_ms:?} ms/step");
+        rows.push(Row {
+            budget: label,
+            activations_per_token: activations,
+            prefill_ms,
+            prefill_tokens_per_s: prefill_ms.map(|ms| (args.batch * args.len) as f64 / (ms / 1e3)),
+            decode_ms_per_token: decode_ms,
+            decode_tokens_per_s: decode_ms.map(|ms| args.decode_batch as f64 * 1e3 / ms),
+        });
+    }
+    print_table(&info.model_type, &rows);
+    if let Some(out) = &args.out {
+        let record = serde_json::json!({
+            "schema_version": 1,
+            "provenance": crate::provenance::Provenance::collect(),
+            "model": args.run.model, "model_type": info.model_type,
+            "weights": if args.random { "random" } else { "checkpoint" },
+            "device": args.run.device, "dtype": args.run.dtype, "renormalize": args.run.renormalize,
+            "prefill": {"batch": args.batch, "len": args.len},
+            "decode": {"batch": args.decode_batch, "context": args.context, "tokens": args.decode_tokens, "cuda_graph": graph},
+            "repeats": repeats,
+            "rows": rows,
+        });
+        let mut text = serde_json::to_string_pretty(&record)?;
+        text.push('\n');
+        crate::results::write_atomic(out, text.as_bytes())?;
+        eprintln!("bench: wrote {}", out.display());
+    }
+    Ok(())
+}
+
+fn print_table(model_type: &str, rows: &[Row]) {
+    let base = rows.first();
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    };
+    let num = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
+    println!("{model_type}");
+    println!(
+        "| {:<18} | {:>6} | {:>10} | {:>9} | {:>14} | {:>10} | {:>9} |",
+        "budget", "act/tok", "prefill ms", "speed-up", "decode ms/tok", "decode t/s", "speed-up"
+    );
+    println!("|{:-<20}|{:->8}|{:->12}|{:->11}|{:->16}|{:->12}|{:->11}|", "", "", "", "", "", "", "");
+    for r in rows {
+        println!(
+            "| {:<18} | {:>6} | {:>10} | {:>9} | {:>14} | {:>10} | {:>9} |",
+            r.budget,
+            r.activations_per_token,
+            num(r.prefill_ms, 1),
+            ratio(base.and_then(|b| b.prefill_ms), r.prefill_ms),
+            num(r.decode_ms_per_token, 3),
+            num(r.decode_tokens_per_s, 1),
+            ratio(base.and_then(|b| b.decode_ms_per_token), r.decode_ms_per_token),
+        );
+    }
+}
