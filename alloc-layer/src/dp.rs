@@ -8,11 +8,19 @@
 //! increasing k and only a strictly smaller loss replaces the incumbent); across totals the smaller total
 //! wins. Losses may be negative or non-monotone in k: nothing here assumes otherwise.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::problem::{Method, Problem, Solution};
 
 /// Sentinel for "no choice reaches this total".
 const UNREACHED: u16 = u16::MAX;
+
+/// The most table cells (layers x budget columns) [`solve_dp`] builds: 2^27 (256 MiB of choices).
+/// Real profiles need thousands (DeepSeek-V2-Lite: 26 x 157).
+pub const MAX_DP_CELLS: u64 = 1 << 27;
+/// The most inner steps (cells x options per layer) [`solve_dp`] takes: 2^31, seconds of work.
+/// Together with [`MAX_DP_CELLS`] it keeps a user's profile from hanging or exhausting memory, and keeps
+/// option indices below [`UNREACHED`] (65536 options that fit would already take 2^32 steps).
+pub const MAX_DP_STEPS: u64 = 1 << 31;
 
 /// The solved DP table: answers "best allocation with at most `b` activations" for every `b` up to the
 /// table's size in O(L) each.
@@ -31,6 +39,18 @@ pub struct Frontier {
 }
 
 impl Frontier {
+    /// Error unless the table for `max_budget` is within [`MAX_DP_CELLS`] and [`MAX_DP_STEPS`]
+    /// ([`solve_dp`] checks this; call it before [`Frontier::new`] on a problem from user input).
+    pub fn check_size(problem: &Problem, max_budget: u32) -> Result<()> {
+        let width = u64::from(max_budget.min(problem.max_total())) + 1;
+        let cells = problem.layers.len() as u64 * width;
+        let steps = problem.layers.iter().map(|l| l.k.len() as u64 * width).fold(0u64, u64::saturating_add);
+        if cells > MAX_DP_CELLS || steps > MAX_DP_STEPS {
+            return Err(Error::DpTooLarge { cells, steps, max_cells: MAX_DP_CELLS, max_steps: MAX_DP_STEPS });
+        }
+        Ok(())
+    }
+
     /// Solve the DP for every budget up to `max_budget` (clamped to the problem's largest total).
     pub fn new(problem: &Problem, max_budget: u32) -> Self {
         let max_s = max_budget.min(problem.max_total()) as usize;
@@ -115,5 +135,6 @@ impl Frontier {
 /// largest allowed k); a budget below the smallest total is [`crate::Error::InfeasibleBudget`].
 pub fn solve_dp(problem: &Problem, budget: u32) -> Result<Solution> {
     problem.check_feasible(budget)?;
+    Frontier::check_size(problem, budget)?;
     Frontier::new(problem, budget).solve(budget)
 }

@@ -42,6 +42,21 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The DP table for this problem and budget would be too large to build or fill.
+    #[error(
+        "the DP for this budget needs {cells} table cells and {steps} steps (limits {max_cells} and {max_steps}): \
+         lower the budget or profile fewer k values"
+    )]
+    DpTooLarge {
+        /// Layers times budget columns.
+        cells: u64,
+        /// Cells times options per layer, summed.
+        steps: u64,
+        /// [`crate::dp::MAX_DP_CELLS`].
+        max_cells: u64,
+        /// [`crate::dp::MAX_DP_STEPS`].
+        max_steps: u64,
+    },
     /// The ILP solver failed (it should not on a feasible problem).
     #[error("ILP solver failed: {0}")]
     Solver(String),

@@ -14,6 +14,9 @@
 pub mod baselines;
 pub mod dp;
 pub mod error;
+/// Fuzzing entry points (the crate's tests and the `fuzzing` feature; see `docs/fuzzing.md`).
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod fractional;
 pub mod ilp;
 pub mod problem;

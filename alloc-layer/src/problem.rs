@@ -106,17 +106,28 @@ impl Problem {
                 Ok(LayerChoices { layer: lp.layer, k, delta })
             })
             .collect::<Result<Vec<_>>>()?;
+        // Every allocation's predicted loss is a sum of one delta per layer: if even the sum of the
+        // largest magnitudes overflows f64, losses are not comparable (the DP's sums turn infinite).
+        let worst: f64 = layers.iter().map(|l| l.delta.iter().fold(0.0f64, |m, d| m.max(d.abs()))).sum();
+        if !worst.is_finite() {
+            return Err(alloc_core::Error::InvalidProfile(
+                "deltas are too large: one per layer, their sum overflows a 64-bit float".into(),
+            )
+            .into());
+        }
         Ok(Self { layers })
     }
 
-    /// Sum over layers of the smallest allowed k: budgets below it are infeasible.
+    /// Sum over layers of the smallest allowed k: budgets below it are infeasible. Saturates at
+    /// `u32::MAX` (k values come from a user's profile; found by fuzz/profile_json).
     pub fn min_total(&self) -> u32 {
-        self.layers.iter().map(|l| l.k[0]).sum()
+        self.layers.iter().fold(0u32, |acc, l| acc.saturating_add(l.k[0]))
     }
 
-    /// Sum over layers of the largest allowed k: budgets above it constrain nothing.
+    /// Sum over layers of the largest allowed k: budgets above it constrain nothing. Saturates at
+    /// `u32::MAX`.
     pub fn max_total(&self) -> u32 {
-        self.layers.iter().map(|l| l.k[l.k.len() - 1]).sum()
+        self.layers.iter().fold(0u32, |acc, l| acc.saturating_add(l.k[l.k.len() - 1]))
     }
 
     /// Error unless `budget` is at least [`Self::min_total`].

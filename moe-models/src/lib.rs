@@ -52,6 +52,9 @@ pub mod ctx;
 pub mod deepseek_v2;
 pub mod error;
 pub mod graph_decode;
+/// Fuzzing entry points (the crate's tests and the `fuzzing` feature; see `docs/fuzzing.md`).
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod layers;
 pub mod loader;
 pub mod mixtral;

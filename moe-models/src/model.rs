@@ -73,8 +73,33 @@ struct ModelType {
     model_type: Option<String>,
 }
 
+/// The config.json keys of every family that count or size something (layers, heads, experts, widths).
+const SIZE_KEYS: &[&str] = &[
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+    "shared_expert_intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    "n_routed_experts", "n_shared_experts", "num_experts", "num_local_experts", "num_experts_per_tok",
+    "n_group", "topk_group", "first_k_dense_replace", "moe_layer_freq", "decoder_sparse_step",
+];
+
+/// The largest value a [`SIZE_KEYS`] key may have (2^24; real checkpoints stay far below). Larger values
+/// are corrupt, and would overflow the `i64` shape arithmetic (a product of two sizes stays below 2^48)
+/// or reserve memory on the config's word before any checkpoint tensor can contradict it.
+pub const MAX_CONFIG_SIZE: u64 = 1 << 24;
+
+/// Reject a size key above [`MAX_CONFIG_SIZE`], naming it (found by `fuzz/config_json`).
+fn check_sizes(config: &serde_json::Value) -> Result<()> {
+    for key in SIZE_KEYS {
+        if let Some(v) = config.get(key).and_then(serde_json::Value::as_u64).filter(|&v| v > MAX_CONFIG_SIZE) {
+            return Err(Error::Config { key: (*key).into(), msg: format!("{v} is implausibly large (the limit is {MAX_CONFIG_SIZE})") });
+        }
+    }
+    Ok(())
+}
+
 /// Parse `config_path` as the family `model_type` names and build the model from `root`.
 fn build(config_path: &Path, root: &VarBuilder<'_>) -> Result<Model> {
+    check_sizes(&read_json(config_path)?)?;
     let ty: ModelType = read_json(config_path)?;
     let ty = ty.model_type.ok_or_else(|| Error::Config { key: "model_type".into(), msg: "missing".into() })?;
     Ok(match ty.as_str() {

@@ -101,11 +101,16 @@ impl Batch {
     }
 }
 
-/// Parse and check the input: shapes, values, row sums.
+/// Read, parse and check the input file: shapes, values, row sums.
 fn read_batch(args: &Args) -> Result<Batch> {
+    let text = std::fs::read_to_string(&args.probs).with_context(|| format!("cannot read {}", args.probs.display()))?;
+    parse_batch(args, &text)
+}
+
+/// Parse and check the input text (of the file `args.probs`): shapes, values, row sums.
+fn parse_batch(args: &Args, text: &str) -> Result<Batch> {
     let path = args.probs.display();
-    let text = std::fs::read_to_string(&args.probs).with_context(|| format!("cannot read {path}"))?;
-    let file: ProbsFile = serde_json::from_str(&text).with_context(|| {
+    let file: ProbsFile = serde_json::from_str(text).with_context(|| {
         format!("{path} is not {{\"probs\": [[numbers]], \"mask\": [bools]}} (NaN and Infinity are not JSON numbers)")
     })?;
     let tokens = file.probs.len();
@@ -231,12 +236,59 @@ fn build(args: &Args, experts: usize) -> Result<(Box<dyn RoutingPolicy>, String)
     })
 }
 
+/// Check the flags and the batch, build the policy and select: the batch, the selection and a
+/// one-line description of the policy.
+fn route(args: &Args, batch: Batch) -> Result<(Batch, Selection, String)> {
+    let (policy, desc) = build(args, batch.experts)?;
+    let sel: Selection = policy.select(0, &batch.router()?)?;
+    Ok((batch, sel, desc))
+}
+
+/// The fuzzing entry point of `fuzz/fuzz_targets/route_input.rs` and of the smoke test below: the
+/// first 8 bytes choose the flags (policy and `--normalize`; which of `--k --floor --cap --p --tau
+/// --beta --seed` are given; their values), the rest is the `--probs` file. Everything `run` does but
+/// printing; must return an error, never panic. See `docs/fuzzing.md`.
+#[cfg_attr(not(test), allow(dead_code))] // the eval binary itself does not call it
+pub fn fuzz_input(bytes: &[u8]) -> Result<()> {
+    let Some((head, text)) = bytes.split_first_chunk::<8>() else { bail!("fuzz input: shorter than 8 bytes") };
+    let num = |b: u8, scale: f64| match b {
+        250 => f64::NAN,
+        251 => f64::INFINITY,
+        252 => f64::NEG_INFINITY,
+        253 => -1.0,
+        254 => 1e300,
+        255 => 1e-300,
+        x => f64::from(x) / scale,
+    };
+    let count = |b: u8| if b == 255 { usize::MAX } else { usize::from(b) };
+    let given = |bit: u8| head[1] & (1 << bit) != 0;
+    let policies = [PolicyName::AllocT, PolicyName::Topk, PolicyName::Topp, PolicyName::Threshold, PolicyName::Skip, PolicyName::Random];
+    let args = Args {
+        probs: PathBuf::from("fuzz.json"),
+        policy: policies[usize::from(head[0] & 7) % policies.len()],
+        k: given(0).then(|| num(head[2], 8.0)),
+        floor: given(1).then(|| count(head[3])),
+        cap: given(2).then(|| count(head[4])),
+        p: given(3).then(|| num(head[5], 200.0)),
+        tau: given(4).then(|| num(head[6], 200.0) as f32),
+        beta: given(5).then(|| num(head[7], 200.0) as f32),
+        seed: given(6).then(|| u64::from(head[2])),
+        normalize: head[0] & 8 != 0,
+        json: true,
+    };
+    check_flags(&args)?;
+    let text = std::str::from_utf8(text)?;
+    let (batch, sel, _) = route(&args, parse_batch(&args, text)?)?;
+    let ids: Vec<&[i64]> = (0..sel.tokens).map(|t| sel.token(t)).collect();
+    let _ = (serde_json::json!({ "ids": ids, "counts": sel.counts(), "total": sel.total() }), sel.unique_experts());
+    let _ = (0..batch.tokens).filter(|&t| batch.valid(t)).count();
+    Ok(())
+}
+
 /// Run `eval route`.
 pub fn run(args: Args) -> Result<()> {
     check_flags(&args)?;
-    let batch = read_batch(&args)?;
-    let (policy, desc) = build(&args, batch.experts)?;
-    let sel: Selection = policy.select(0, &batch.router()?)?;
+    let (batch, sel, desc) = route(&args, read_batch(&args)?)?;
     let ids: Vec<&[i64]> = (0..sel.tokens).map(|t| sel.token(t)).collect();
     let counts = sel.counts();
     if args.json {
@@ -259,4 +311,16 @@ pub fn run(args: Args) -> Result<()> {
         println!("{t:>5}  {v:>5}  {:>5}  {}", counts[t], list.join(" "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[path = "../../../fuzz/smoke.rs"]
+mod smoke;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fuzz_smoke_route_input_never_panics() {
+        super::smoke::replay("route_input", 3000, super::fuzz_input);
+    }
 }

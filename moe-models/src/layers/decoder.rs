@@ -154,7 +154,9 @@ impl<A: SelfAttention> Decoder<A> {
         let (h, v, eps) = (spec.hidden_size, spec.vocab_size, spec.rms_norm_eps);
         let vb = root.pp("model");
         let embed_tokens = vb.pp("embed_tokens").get("weight", &[v, h])?;
-        let mut layers = Vec::with_capacity(num_layers);
+        // Not `with_capacity(num_layers)`: that reserves memory on config.json's word before the
+        // checkpoint can contradict it (found by fuzz/config_json).
+        let mut layers = Vec::new();
         for i in 0..num_layers {
             let lv = vb.pp("layers").pp(i);
             let (self_attn, mlp) = layer(i, &lv)?;
