@@ -58,6 +58,8 @@ fn moe_block(model: &Model, layer: usize) -> Option<(&RmsNorm, &MoeBlock)> {
         Model::DeepseekV2(m) => block_of(&m.decoder, layer),
         Model::Qwen2Moe(m) => block_of(&m.decoder, layer),
         Model::Mixtral(m) => block_of(&m.decoder, layer),
+        Model::Olmoe(m) => block_of(&m.decoder, layer),
+        Model::Qwen3Moe(m) => block_of(&m.decoder, layer),
         _ => None,
     }
 }
