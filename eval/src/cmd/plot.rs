@@ -1,6 +1,7 @@
 //! `eval plot`: regenerate every figure of a results directory from its files alone.
 //!
-//! Reads `<dir>/results.jsonl` and any `<dir>/profile-*.json`, writes `<dir>/figures/*.{png,svg}`.
+//! Reads `<dir>/results.jsonl` and any `<dir>/profile-*.json` and `<dir>/lexi-*.json`, writes
+//! `<dir>/figures/*.{png,svg}`.
 
 use std::path::{Path, PathBuf};
 
@@ -57,17 +58,21 @@ pub fn plot_dir(dir: &Path) -> Result<Vec<PathBuf>> {
             written.extend(save_line_chart(&stem, &chart)?);
         }
     }
-    // Sensitivity heat maps from saved profiles.
+    // Sensitivity heat maps from saved profiles (text-calibrated NLL or KL, and the data-free LExI one).
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("profile-") && n.ends_with(".json")))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| (n.starts_with("profile-") || n.starts_with("lexi-")) && n.ends_with(".json")))
         .collect();
     entries.sort();
     for p in entries {
         let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
         let profile = SensitivityProfile::from_json(&text).with_context(|| format!("profile {}", p.display()))?;
-        let stem = fig.join(format!("{}_sensitivity", sanitize(&profile.model)));
+        // The NLL profile keeps the plain name; other metrics get their own file.
+        let stem = match profile.metric.as_str() {
+            "delta_nll" => fig.join(format!("{}_sensitivity", sanitize(&profile.model))),
+            m => fig.join(format!("{}_sensitivity_{}", sanitize(&profile.model), sanitize(m))),
+        };
         written.extend(save_heatmap(&stem, &profile)?);
     }
     // Per-layer allocations of Alloc-L at every budget, per model.
@@ -157,9 +162,18 @@ mod tests {
         }
         let profile = bench_profile();
         std::fs::write(dir.path().join("profile-tiny.json"), profile.to_json()).unwrap();
+        let lexi = SensitivityProfile { metric: "output_deviation".into(), ..profile.clone() };
+        std::fs::write(dir.path().join("lexi-tiny.json"), lexi.to_json()).unwrap();
         let files = plot_dir(dir.path()).unwrap();
         let names: Vec<String> = files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-        for want in ["tiny_heldout_ppl_vs_budget.png", "tiny_heldout_ppl_vs_budget.svg", "tiny_sensitivity.png", "tiny_allocation.png", "tiny_heldout_ppl_vs_decode_tokens_per_s.svg"] {
+        for want in [
+            "tiny_heldout_ppl_vs_budget.png",
+            "tiny_heldout_ppl_vs_budget.svg",
+            "tiny_sensitivity.png",
+            "tiny_sensitivity_output_deviation.png",
+            "tiny_allocation.png",
+            "tiny_heldout_ppl_vs_decode_tokens_per_s.svg",
+        ] {
             assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
         }
         for p in &files {
