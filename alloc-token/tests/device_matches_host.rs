@@ -90,6 +90,18 @@ proptest! {
     }
 
     #[test]
+    fn fractional_alloc_lt_device_equals_host(c in case(10, 8), j1 in 8u32..=32, j2 in 8u32..=32) {
+        // K_l on Alloc-L+T's 1/8 grid between 1 and the cap.
+        let cap = c.experts.min(4);
+        let k = |j: u32| (f64::from(j) / 8.0).min(cap as f64).max(1.0f64.min(cap as f64));
+        let p = AllocT::per_layer(vec![1, 2], vec![k(j1), k(j2)], cap);
+        for layer in [1, 2] {
+            let (h, d) = both(&p, layer, &c);
+            prop_assert_eq!(h, d);
+        }
+    }
+
+    #[test]
     fn other_policies_device_equal_host(c in case(10, 9), a in 0usize..=9, b in 0usize..=9, x in 0.0f32..=1.0,
                                         seed in any::<u64>()) {
         let (lo, hi) = (a.min(b).min(c.experts), a.max(b).min(c.experts));
