@@ -28,6 +28,7 @@ fn cuda_include(libtorch: &Path) -> Option<PathBuf> {
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/graph.cpp");
+    println!("cargo:rerun-if-changed=csrc/jit.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=CUDA_GRAPH_CUDA_INCLUDE");
     println!("cargo:rerun-if-env-changed=CUDA_GRAPH_DISABLE");
@@ -55,6 +56,7 @@ fn main() {
     cc::Build::new()
         .cpp(true)
         .file("csrc/graph.cpp")
+        .file("csrc/jit.cpp")
         .include(libtorch.join("include"))
         .include(libtorch.join("include/torch/csrc/api/include"))
         .include(&cuda)
@@ -65,7 +67,7 @@ fn main() {
         .warnings(false)
         .compile("amoe_cuda_graph");
     println!("cargo:rustc-link-search=native={}", lib.display());
-    for l in ["torch_cuda", "c10_cuda", "torch_cpu", "c10"] {
+    for l in ["torch_cuda", "c10_cuda", "torch_cpu", "c10", "dl"] {
         println!("cargo:rustc-link-lib=dylib={l}");
     }
     println!("cargo:rustc-cfg=cuda_graph");

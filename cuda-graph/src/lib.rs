@@ -1,4 +1,5 @@
-//! CUDA graphs for tch: capture a sequence of libtorch operations once and replay it with one launch.
+//! CUDA graphs for tch: capture a sequence of libtorch operations once and replay it with one launch;
+//! and ([`jit`]) CUDA kernels compiled at run time and launched on tch tensors.
 //!
 //! tch has no binding for `torch.cuda.CUDAGraph`; this crate reaches libtorch's `at::cuda::CUDAGraph`
 //! through a small C++ shim (`csrc/graph.cpp`) that the build script compiles against the same libtorch
@@ -35,6 +36,8 @@
 use std::ffi::{c_char, c_void, CStr};
 
 use tch::Device;
+
+pub mod jit;
 
 /// Why a graph could not be made, captured or replayed.
 #[derive(Debug, thiserror::Error)]
@@ -272,9 +275,9 @@ mod tests {
         }
     }
 
-    /// The GPU tests run one at a time: a device-wide synchronisation in one test would fail while
+    /// The GPU tests (here and in `jit`) run one at a time: a device-wide synchronisation in one test would fail while
     /// another test's stream is capturing.
-    static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    pub(crate) static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     /// On a GPU: capture `y = x * 2 + 1`, change `x`, replay, read `y`.
     #[test]

@@ -34,7 +34,7 @@ impl std::str::FromStr for Renormalize {
 /// How routed experts are evaluated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Dispatch {
-    /// `Grouped` on CUDA in bf16; `PerExpert` otherwise (on the CPU the two measured alike, see
+    /// `Fused` on CUDA in bf16 for a few tokens, `Grouped` on CUDA in bf16 otherwise; `PerExpert` otherwise (on the CPU the two measured alike, see
     /// `examples/dispatch_cpu.rs`).
     #[default]
     Auto,
@@ -43,6 +43,23 @@ pub enum Dispatch {
     Grouped,
     /// Copy the chosen ids to the host, group tokens by expert, one matmul pair per non-empty expert.
     PerExpert,
+    /// Two run-time compiled CUDA kernels reading the chosen experts' rows straight from the stacked
+    /// weights (CUDA bf16, at most [`crate::kernels::FUSED_MOE_MAX_PAIRS`] token-slot pairs; see
+    /// [`crate::kernels`]). `Auto` takes it where it applies.
+    Fused,
+}
+
+impl std::str::FromStr for Dispatch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "grouped" => Ok(Self::Grouped),
+            "per-expert" => Ok(Self::PerExpert),
+            "fused" => Ok(Self::Fused),
+            other => Err(format!("unknown dispatch `{other}` (auto, grouped, per-expert, fused)")),
+        }
+    }
 }
 
 /// How multi-head latent attention (DeepSeek) is evaluated; other families ignore it.

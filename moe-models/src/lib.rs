@@ -52,6 +52,7 @@ pub mod ctx;
 pub mod deepseek_v2;
 pub mod error;
 pub mod graph_decode;
+pub mod kernels;
 /// Fuzzing entry points (the crate's tests and the `fuzzing` feature; see `docs/fuzzing.md`).
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;

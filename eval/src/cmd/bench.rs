@@ -59,6 +59,10 @@ pub struct Args {
     /// Capture the decode step in a CUDA graph: auto (on CUDA when compiled in), on, off.
     #[arg(long, default_value = "auto")]
     pub graph: String,
+    /// Routed-expert evaluation: auto (fused kernels for a few tokens, grouped GEMMs otherwise, on CUDA
+    /// bf16), grouped, fused, per-expert.
+    #[arg(long, default_value = "auto")]
+    pub dispatch: moe_models::Dispatch,
     /// Skip prefill or decode: both, prefill, decode.
     #[arg(long, default_value = "both")]
     pub phases: String,
@@ -153,8 +157,11 @@ fn decode_eager(model: &Model, ctx: &ForwardCtx<'_>, prompt: &Tensor, steps: usi
     Ok(median(times))
 }
 
-/// The budgets to compare: `(label, policy, activations per token)`.
-fn budgets(args: &Args, model: &Model) -> Result<Vec<(String, Box<dyn DevicePolicy>, usize)>> {
+/// One budget to measure: its label, its policy and its routed activations per token.
+type Budget = (String, Box<dyn DevicePolicy>, usize);
+
+/// The budgets to compare.
+fn budgets(args: &Args, model: &Model) -> Result<Vec<Budget>> {
     let info = model.info();
     let layers = info.moe_layers.len();
     let mut ks = args.ks.clone();
@@ -162,7 +169,7 @@ fn budgets(args: &Args, model: &Model) -> Result<Vec<(String, Box<dyn DevicePoli
         ks = vec![info.native_k, (info.native_k / 2).max(1)];
         ks.dedup();
     }
-    let mut out: Vec<(String, Box<dyn DevicePolicy>, usize)> = Vec::new();
+    let mut out: Vec<Budget> = Vec::new();
     for k in ks {
         if k == 0 || k > info.n_routed_experts {
             bail!("--ks: k = {k} is outside 1..={} (the layer's expert count)", info.n_routed_experts);
@@ -217,7 +224,7 @@ pub fn run(args: Args) -> Result<()> {
     let prompt = Tensor::f_randint(vocab, [args.decode_batch, args.context], (Kind::Int64, device))?;
     let mut rows = Vec::new();
     for (label, policy, activations) in budgets(&args, &model)? {
-        let mut ctx = ForwardCtx::new(policy.as_ref()).with_renormalize(args.run.renormalize);
+        let mut ctx = ForwardCtx::new(policy.as_ref()).with_renormalize(args.run.renormalize).with_dispatch(args.dispatch);
         let prefill_ms = if do_prefill { Some(time_prefill(&model, &mut ctx, &ids, repeats)?) } else { None };
         let decode_ms = match (do_decode, graph) {
             (false, _) => None,
@@ -244,6 +251,7 @@ pub fn run(args: Args) -> Result<()> {
             "device": args.run.device, "dtype": args.run.dtype, "renormalize": args.run.renormalize,
             "prefill": {"batch": args.batch, "len": args.len},
             "decode": {"batch": args.decode_batch, "context": args.context, "tokens": args.decode_tokens, "cuda_graph": graph},
+            "dispatch": format!("{:?}", args.dispatch),
             "repeats": repeats,
             "rows": rows,
         });

@@ -80,12 +80,14 @@ impl Experts {
     pub fn forward(&self, x: &Tensor, ids: &Tensor, weights: &Tensor, dispatch: Dispatch) -> Result<Tensor> {
         // On CUDA, `_grouped_mm` is the bf16 kernel; other dtypes take the per-expert path there.
         let dispatch = match dispatch {
+            Dispatch::Auto if crate::kernels::fused_moe_available(x, ids, &self.gate_up_proj) => Dispatch::Fused,
             Dispatch::Auto if x.device().is_cuda() && x.kind() == Kind::BFloat16 => Dispatch::Grouped,
             Dispatch::Auto => Dispatch::PerExpert,
             d => d,
         };
         match dispatch {
             Dispatch::PerExpert => self.forward_per_expert(x, ids, weights),
+            Dispatch::Fused => crate::kernels::fused_moe(x, ids, weights, &self.gate_up_proj, &self.down_proj),
             _ => self.forward_grouped(x, ids, weights),
         }
     }
