@@ -84,6 +84,8 @@ pub enum Arg<'a> {
     Tensor(&'a Tensor),
     /// `int`.
     I32(i32),
+    /// `long long`.
+    I64(i64),
     /// `float`.
     F32(f32),
 }
@@ -149,10 +151,11 @@ impl Function {
                     t.data_ptr() as u64
                 }
                 Arg::I32(v) => v as u32 as u64,
+                Arg::I64(v) => v as u64,
                 Arg::F32(v) => v.to_bits() as u64,
             });
         }
-        // The driver reads sizeof(param) bytes at each pointer: 8 for pointers, 4 for int and float,
+        // The driver reads sizeof(param) bytes at each pointer: 8 for pointers and long long, 4 for int and float,
         // which are the low bytes of the u64 on a little-endian machine.
         let mut ptrs: Vec<*mut c_void> = values.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
         #[cfg(cuda_graph)]

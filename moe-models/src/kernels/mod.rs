@@ -3,7 +3,8 @@
 //!
 //! [`fused_moe`] evaluates a MoE layer's routed experts for a few tokens in two kernels
 //! (`moe_decode.cu`), replacing the sort / gather / grouped-GEMM / scatter sequence of
-//! [`crate::layers::moe::Experts`]' grouped path where that path is launch-bound.
+//! [`crate::layers::moe::Experts`]' grouped path where that path is launch-bound; [`rotary`] applies the
+//! rotary embedding in one kernel (`rotary.cu`) instead of five.
 
 use std::sync::OnceLock;
 
@@ -15,31 +16,43 @@ use crate::error::{Error, Result};
 /// The largest `tokens x slots` the fused path takes; above it the grouped GEMMs win.
 pub const FUSED_MOE_MAX_PAIRS: i64 = 64;
 
-const SOURCE: &str = include_str!("moe_decode.cu");
 const WARPS: u32 = 4;
 
-struct MoeKernels {
-    gate_up: Function,
-    down: Function,
+/// One `.cu` file compiled once per process (on first use), with the kernels looked up by name.
+struct Compiled {
+    functions: Vec<Function>,
     _module: Module,
 }
 
-static KERNELS: OnceLock<std::result::Result<MoeKernels, String>> = OnceLock::new();
-
-fn kernels(device: Device) -> Result<&'static MoeKernels> {
-    let k = KERNELS.get_or_init(|| {
+/// Compile `source` on first use (`cell` caches the outcome; a failure is logged once and every later
+/// call reports it, so callers fall back to libtorch).
+fn compiled<'a>(
+    cell: &'a OnceLock<std::result::Result<Compiled, String>>,
+    device: Device,
+    file: &str,
+    source: &str,
+    names: &[&str],
+) -> Result<&'a [Function]> {
+    let c = cell.get_or_init(|| {
         let built = (|| {
-            let module = Module::compile(device, "moe_decode.cu", SOURCE)?;
-            let gate_up = module.function("moe_gate_up")?;
-            let down = module.function("moe_down")?;
-            Ok::<_, cuda_graph::Error>(MoeKernels { gate_up, down, _module: module })
+            let module = Module::compile(device, file, source)?;
+            let functions = names.iter().map(|n| module.function(n)).collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok::<_, cuda_graph::Error>(Compiled { functions, _module: module })
         })();
         built.map_err(|e| {
-            tracing::warn!("fused MoE kernels unavailable, using grouped GEMMs: {e}");
+            tracing::warn!("{file}: run-time compiled kernels unavailable, using libtorch: {e}");
             e.to_string()
         })
     });
-    k.as_ref().map_err(|msg| Error::Input(format!("fused MoE kernels unavailable: {msg}")))
+    c.as_ref().map(|c| c.functions.as_slice()).map_err(|msg| Error::Input(format!("{file}: {msg}")))
+}
+
+static MOE: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
+static ROTARY: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
+
+/// `[moe_gate_up, moe_down]`.
+fn moe_kernels(device: Device) -> Result<&'static [Function]> {
+    compiled(&MOE, device, "moe_decode.cu", include_str!("moe_decode.cu"), &["moe_gate_up", "moe_down"])
 }
 
 /// Whether [`fused_moe`] applies: a CUDA bf16 model, at most [`FUSED_MOE_MAX_PAIRS`] (token, slot)
@@ -54,7 +67,7 @@ pub fn fused_moe_applies(x: &Tensor, ids: &Tensor, gate_up: &Tensor) -> bool {
 /// [`fused_moe_applies`], and the kernels compile on this GPU (compiled on first use; a failure is
 /// logged once and the grouped path is used instead).
 pub fn fused_moe_available(x: &Tensor, ids: &Tensor, gate_up: &Tensor) -> bool {
-    fused_moe_applies(x, ids, gate_up) && kernels(x.device()).is_ok()
+    fused_moe_applies(x, ids, gate_up) && moe_kernels(x.device()).is_ok()
 }
 
 /// Mix the chosen experts for `x` `(n, h)` bf16 on CUDA: `ids` `(n, w)` i64 (`-1` = none), `weights`
@@ -82,7 +95,7 @@ pub fn fused_moe(x: &Tensor, ids: &Tensor, weights: &Tensor, gate_up: &Tensor, d
     if down.device() != device || !gate_up.is_contiguous() || !down.is_contiguous() {
         return Err(bad("expert weights must be contiguous and on the input's device"));
     }
-    let k = kernels(device)?;
+    let k = moe_kernels(device)?;
     let x = x.contiguous();
     let ids = ids.contiguous();
     let weights = weights.contiguous();
@@ -91,17 +104,52 @@ pub fn fused_moe(x: &Tensor, ids: &Tensor, weights: &Tensor, gate_up: &Tensor, d
     let dims = [Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32)];
     let block = [32 * WARPS, 1, 1];
     let rows = |r: i64| (r as u32).div_ceil(WARPS);
-    launch(k.gate_up, [rows(i), (n * w) as u32, 1], block, &[Arg::Tensor(&x), Arg::Tensor(&ids), Arg::Tensor(gate_up), Arg::Tensor(&act)], &dims)?;
-    launch(k.down, [rows(h), n as u32, 1], block, &[Arg::Tensor(&act), Arg::Tensor(&ids), Arg::Tensor(&weights), Arg::Tensor(down), Arg::Tensor(&out)], &dims)?;
+    launch(k[0], [rows(i), (n * w) as u32, 1], block, &[Arg::Tensor(&x), Arg::Tensor(&ids), Arg::Tensor(gate_up), Arg::Tensor(&act)], &dims)?;
+    launch(k[1], [rows(h), n as u32, 1], block, &[Arg::Tensor(&act), Arg::Tensor(&ids), Arg::Tensor(&weights), Arg::Tensor(down), Arg::Tensor(&out)], &dims)?;
     Ok(out)
+}
+
+/// Rotate `x` `(b, heads, t, d)` bf16 on CUDA (any strides) by `cos`/`sin` `(b, t, d / 2)` f32 in one
+/// kernel; `None` when that does not apply (not CUDA bf16, other shapes, or the kernel did not compile),
+/// and the caller uses libtorch. Returns a contiguous `(b, heads, t, d)` bf16 tensor.
+pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Option<Tensor>> {
+    let device = x.device();
+    let size = x.size();
+    if !device.is_cuda() || x.kind() != Kind::BFloat16 || size.len() != 4 || size[3] % 2 == 1 {
+        return Ok(None);
+    }
+    let (b, hh, t, d) = (size[0], size[1], size[2], size[3]);
+    let cs = [b, t, d / 2];
+    for c in [cos, sin] {
+        if c.size() != cs || c.kind() != Kind::Float || c.device() != device || !c.is_contiguous() {
+            return Ok(None);
+        }
+    }
+    let Ok(k) = compiled(&ROTARY, device, "rotary.cu", include_str!("rotary.cu"), &["rotary_bf16"]) else {
+        return Ok(None);
+    };
+    let pairs = b * hh * t * d / 2;
+    if pairs > i32::MAX as i64 {
+        return Ok(None);
+    }
+    let out = Tensor::f_empty([b, hh, t, d], (Kind::BFloat16, device))?;
+    let st = x.stride();
+    let args = [
+        Arg::Tensor(x), Arg::Tensor(cos), Arg::Tensor(sin), Arg::Tensor(&out),
+        Arg::I32(hh as i32), Arg::I32(t as i32), Arg::I32(d as i32), Arg::I32(interleaved as i32), Arg::I32(pairs as i32),
+        Arg::I64(st[0]), Arg::I64(st[1]), Arg::I64(st[2]), Arg::I64(st[3]),
+    ];
+    launch(k[0], [(pairs as u32).div_ceil(256), 1, 1], [256, 1, 1], &args, &[])?;
+    Ok(Some(out))
 }
 
 #[allow(unsafe_code)]
 fn launch(f: Function, grid: [u32; 3], block: [u32; 3], tensors: &[Arg<'_>], dims: &[Arg<'_>]) -> Result<()> {
     let args: Vec<Arg<'_>> = tensors.iter().chain(dims).copied().collect();
-    // SAFETY: `fused_moe` checked that every tensor is contiguous, on the kernel's device, of the dtype
-    // and shape the kernel indexes with (H, I, W, E); ids outside 0..E are skipped by the kernels; the
-    // grid covers exactly the rows and pairs those shapes give.
+    // SAFETY: the callers (`fused_moe`, `rotary`) checked that every tensor is on the kernel's device, of
+    // the dtype, shape and strides the kernel indexes with (the size arguments passed); `fused_moe`'s ids
+    // outside 0..E are skipped by the kernels; the grids cover exactly the rows, pairs or elements those
+    // shapes give, and the kernels bound-check the rest.
     unsafe { f.launch(grid, block, 0, &args) }.map_err(Error::from)
 }
 
@@ -110,6 +158,30 @@ mod tests {
     use super::*;
     use crate::ctx::Dispatch;
     use crate::layers::moe::Experts;
+
+    /// On a GPU: the rotary kernel agrees with the libtorch path run on the CPU in f32 (within bf16
+    /// rounding), for both pairings and a non-contiguous input.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn rotary_kernel_matches_the_cpu_path() {
+        use crate::layers::rotary::{RopeSpec, RopeStyle, Rotary};
+        let dev = Device::Cuda(0);
+        let spec = RopeSpec { theta: 10000.0, yarn: None };
+        for style in [RopeStyle::Interleaved, RopeStyle::HalfSplit] {
+            let cpu = Rotary::new(&spec, 16, style, Device::Cpu).expect("rotary");
+            let gpu = Rotary::new(&spec, 16, style, dev).expect("rotary");
+            let x = Tensor::randn([2, 5, 3, 16], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16); // (b, t, h, d)
+            let pos = Tensor::arange(5, (Kind::Int64, Device::Cpu)).unsqueeze(0).repeat([2, 1]) + 7;
+            let (c, s) = cpu.cos_sin(&pos).expect("cos sin");
+            let want = cpu.apply(&x.to_kind(Kind::Float).transpose(1, 2), &c, &s).expect("cpu");
+            let (cg, sg) = gpu.cos_sin(&pos.to_device(dev)).expect("cos sin");
+            let got = gpu.apply(&x.to_device(dev).transpose(1, 2), &cg, &sg).expect("gpu"); // strided input
+            assert_eq!(got.kind(), Kind::BFloat16);
+            let err = (got.to_kind(Kind::Float).to_device(Device::Cpu) - &want).abs().max().double_value(&[]);
+            eprintln!("{style:?}: max |kernel - cpu f32| = {err:.3e}");
+            assert!(err < 0.03, "{style:?}: {err}");
+        }
+    }
 
     /// On a GPU: the fused kernels agree with the grouped GEMMs (bf16 tolerance), for one and several
     /// tokens, with empty slots and a token without experts.

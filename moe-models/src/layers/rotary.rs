@@ -209,6 +209,9 @@ impl Rotary {
     /// Each rotary pair is a complex number multiplied by `cos + i sin`: one complex kernel instead of
     /// six real ones (the products and sums are the same, in f32).
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::kernels::rotary(x, cos, sin, self.style == RopeStyle::Interleaved)? {
+            return Ok(y); // CUDA bf16: one run-time compiled kernel, same arithmetic
+        }
         let kind = x.kind();
         let rot = Tensor::f_complex(&cos.f_unsqueeze(1)?, &sin.f_unsqueeze(1)?)?; // (b, 1, t, d/2) complex
         let size = x.size();
