@@ -70,24 +70,48 @@ pub fn fused_moe_available(x: &Tensor, ids: &Tensor, gate_up: &Tensor) -> bool {
     fused_moe_applies(x, ids, gate_up) && moe_kernels(x.device()).is_ok()
 }
 
-/// Mix the chosen experts for `x` `(n, h)` bf16 on CUDA: `ids` `(n, w)` i64 (`-1` = none), `weights`
-/// `(n, w)` f32, `gate_up` `(e, 2i, h)` and `down` `(e, h, i)` bf16. Returns `(n, h)` bf16. Every shape,
-/// dtype and device is checked here, because the kernels trust them.
-pub fn fused_moe(x: &Tensor, ids: &Tensor, weights: &Tensor, gate_up: &Tensor, down: &Tensor) -> Result<Tensor> {
+/// How [`fused_moe`] gets each chosen expert's mixing weight.
+#[derive(Debug, Clone, Copy)]
+pub enum MixWeights<'a> {
+    /// `(n, w)` f32: the weights themselves.
+    Given(&'a Tensor),
+    /// `(n, e)` f32 router probabilities: weight = the chosen expert's probability, renormalised over the
+    /// token's chosen experts or not, times a scale (the family's [`crate::layers::moe::Mixing`]).
+    Router {
+        /// The probabilities.
+        probs: &'a Tensor,
+        /// Divide by the chosen probabilities' sum (+1e-20).
+        renormalize: bool,
+        /// Multiply afterwards.
+        scale: f64,
+    },
+}
+
+/// Mix the chosen experts for `x` `(n, h)` bf16 on CUDA: `ids` `(n, w)` i64 (`-1` = none; any row stride),
+/// mixing weights as `mix` says, `gate_up` `(e, 2i, h)` and `down` `(e, h, i)` bf16. Returns `(n, h)`
+/// bf16. Every shape, dtype, stride and device is checked here, because the kernels trust them.
+pub fn fused_moe(x: &Tensor, ids: &Tensor, mix: MixWeights<'_>, gate_up: &Tensor, down: &Tensor) -> Result<Tensor> {
     let bad = |what: &str| Error::Input(format!("fused MoE: {what}"));
     let device = x.device();
-    let (xs, is, ws, gs, ds) = (x.size(), ids.size(), weights.size(), gate_up.size(), down.size());
+    let (xs, is, gs, ds) = (x.size(), ids.size(), gate_up.size(), down.size());
     if xs.len() != 2 || is.len() != 2 || gs.len() != 3 || ds.len() != 3 {
         return Err(bad("expects x (n, h), ids (n, w), gate_up (e, 2i, h), down (e, h, i)"));
     }
     let (n, h, w, e, i) = (xs[0], xs[1], is[1], gs[0], gs[1] / 2);
-    if is[0] != n || ws != is || gs != [e, 2 * i, h] || ds != [e, h, i] {
-        return Err(bad(&format!("inconsistent shapes x {xs:?}, ids {is:?}, weights {ws:?}, gate_up {gs:?}, down {ds:?}")));
+    let (mix_t, mix_shape, gather, renorm, scale) = match mix {
+        MixWeights::Given(t) => (t, [n, w], 0, 0, 1.0),
+        MixWeights::Router { probs, renormalize, scale } => (probs, [n, e], 1, renormalize as i32, scale),
+    };
+    if is[0] != n || mix_t.size() != mix_shape || gs != [e, 2 * i, h] || ds != [e, h, i] {
+        return Err(bad(&format!(
+            "inconsistent shapes x {xs:?}, ids {is:?}, mixing {:?} (want {mix_shape:?}), gate_up {gs:?}, down {ds:?}",
+            mix_t.size()
+        )));
     }
     if !fused_moe_applies(x, ids, gate_up) || down.kind() != Kind::BFloat16 {
         return Err(bad("needs CUDA bf16, at most 64 pairs and sizes that are multiples of 8"));
     }
-    for (name, t, kind) in [("ids", ids, Kind::Int64), ("weights", weights, Kind::Float), ("gate_up", gate_up, Kind::BFloat16)] {
+    for (name, t, kind) in [("ids", ids, Kind::Int64), ("mixing", mix_t, Kind::Float), ("gate_up", gate_up, Kind::BFloat16)] {
         if t.device() != device || t.kind() != kind {
             return Err(bad(&format!("{name} must be {kind:?} on {device:?}")));
         }
@@ -97,15 +121,20 @@ pub fn fused_moe(x: &Tensor, ids: &Tensor, weights: &Tensor, gate_up: &Tensor, d
     }
     let k = moe_kernels(device)?;
     let x = x.contiguous();
-    let ids = ids.contiguous();
-    let weights = weights.contiguous();
+    let mix_t = mix_t.contiguous();
+    // Rows of ids may be strided (a policy's narrowed sort); elements must be adjacent.
+    let ids = if ids.stride()[1] == 1 { ids.shallow_clone() } else { ids.contiguous() };
+    let ld = ids.stride()[0];
     let act = Tensor::f_empty([n * w, i], (Kind::Float, device))?;
     let out = Tensor::f_empty([n, h], (Kind::BFloat16, device))?;
-    let dims = [Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32)];
+    let dims = [Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(ld as i32)];
     let block = [32 * WARPS, 1, 1];
     let rows = |r: i64| (r as u32).div_ceil(WARPS);
     launch(k[0], [rows(i), (n * w) as u32, 1], block, &[Arg::Tensor(&x), Arg::Tensor(&ids), Arg::Tensor(gate_up), Arg::Tensor(&act)], &dims)?;
-    launch(k[1], [rows(h), n as u32, 1], block, &[Arg::Tensor(&act), Arg::Tensor(&ids), Arg::Tensor(&weights), Arg::Tensor(down), Arg::Tensor(&out)], &dims)?;
+    let down_args = [Arg::Tensor(&act), Arg::Tensor(&ids), Arg::Tensor(&mix_t), Arg::Tensor(down), Arg::Tensor(&out)];
+    let mode = [Arg::I32(gather), Arg::I32(renorm), Arg::F32(scale as f32)];
+    let tail: Vec<Arg<'_>> = dims.iter().chain(&mode).copied().collect();
+    launch(k[1], [rows(h), n as u32, 1], block, &down_args, &tail)?;
     Ok(out)
 }
 
@@ -210,6 +239,21 @@ mod tests {
             let scale = b.abs().max().double_value(&[]);
             eprintln!("n = {n}: max |fused - grouped| = {err:.3e} (max |grouped| = {scale:.3e})");
             assert!(err <= 0.02 * scale + 1e-3, "fused differs from grouped: {err} vs scale {scale}");
+            // Mixing weights made in the kernel from router probabilities == mixing_weights + grouped.
+            let probs = Tensor::rand([n, e], (Kind::Float, dev)).softmax(-1, Kind::Float);
+            for (renormalize, s) in [(false, 2.5), (true, 1.0)] {
+                let m = crate::layers::moe::Mixing { renormalize, scale: s };
+                let table = crate::layers::moe::MixingTable { native: m, always: m, never: m };
+                let wts = crate::layers::moe::mixing_weights(&probs, &ids, crate::ctx::Renormalize::Native, &table).expect("w");
+                let want = ex.forward(&x, &ids, &wts, Dispatch::Grouped).expect("grouped").to_kind(Kind::Float);
+                let got = fused_moe(&x, &ids, MixWeights::Router { probs: &probs, renormalize, scale: s }, &ex.gate_up_proj, &ex.down_proj)
+                    .expect("fused router")
+                    .to_kind(Kind::Float);
+                let err = (&got - &want).abs().max().double_value(&[]);
+                let scale = want.abs().max().double_value(&[]);
+                eprintln!("n = {n}, renormalize {renormalize}: max |fused - grouped| = {err:.3e} (of {scale:.3e})");
+                assert!(err <= 0.02 * scale + 1e-3, "router-mixed fused differs: {err} vs {scale}");
+            }
         }
     }
 }

@@ -16,6 +16,7 @@ use alloc_token::device::DeviceBatch;
 use tch::{Device, Kind, Tensor};
 
 use super::mlp::Mlp;
+use crate::kernels::MixWeights;
 use super::Linear;
 use crate::ctx::{Dispatch, ForwardCtx, LayerRoute, Renormalize};
 use crate::error::{Error, Result, TorchContext};
@@ -87,7 +88,7 @@ impl Experts {
         };
         match dispatch {
             Dispatch::PerExpert => self.forward_per_expert(x, ids, weights),
-            Dispatch::Fused => crate::kernels::fused_moe(x, ids, weights, &self.gate_up_proj, &self.down_proj),
+            Dispatch::Fused => crate::kernels::fused_moe(x, ids, MixWeights::Given(weights), &self.gate_up_proj, &self.down_proj),
             _ => self.forward_grouped(x, ids, weights),
         }
     }
@@ -293,8 +294,21 @@ impl MoeBlock {
         };
         let batch = DeviceBatch { probs: &probs, mask: tokens.mask.as_ref(), seq_ids: Some(&tokens.seq_ids) };
         let ids = ctx.policy.select(layer, &batch).map_err(|source| Error::Policy { layer, source })?; // (n, w)
-        let weights = mixing_weights(&probs, &ids, ctx.renormalize, &self.mixing).ctx(format!("layers.{layer}.mlp.mixing"))?;
-        let mut out = self.experts.forward(&xf, &ids, &weights, ctx.dispatch).ctx(format!("layers.{layer}.mlp.experts"))?;
+        let fused = match ctx.dispatch {
+            Dispatch::Fused => true,
+            Dispatch::Auto => crate::kernels::fused_moe_available(&xf, &ids, &self.experts.gate_up_proj),
+            _ => false,
+        };
+        let mut out = if fused {
+            // The kernel makes the mixing weights from the probabilities itself (no extra launches).
+            let m = self.mixing.get(ctx.renormalize);
+            let mix = MixWeights::Router { probs: &probs, renormalize: m.renormalize, scale: m.scale };
+            crate::kernels::fused_moe(&xf, &ids, mix, &self.experts.gate_up_proj, &self.experts.down_proj)
+        } else {
+            let weights = mixing_weights(&probs, &ids, ctx.renormalize, &self.mixing).ctx(format!("layers.{layer}.mlp.mixing"))?;
+            self.experts.forward(&xf, &ids, &weights, ctx.dispatch)
+        }
+        .ctx(format!("layers.{layer}.mlp.experts"))?;
         if let Some(shared) = &self.shared_experts {
             let mut s = shared.forward(&xf).ctx(format!("layers.{layer}.mlp.shared_experts"))?;
             if let Some(g) = &self.shared_expert_gate {
