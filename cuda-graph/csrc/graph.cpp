@@ -15,6 +15,8 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "guarded.h"
+
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -34,26 +36,9 @@ struct AmoeGraph {
       : device(d), graph(), side(c10::cuda::getStreamFromPool(false, d)) {}
 };
 
-char* message(const char* what) {
-  size_t n = std::strlen(what);
-  char* out = static_cast<char*>(std::malloc(n + 1));
-  if (out != nullptr) std::memcpy(out, what, n + 1);
-  return out;
-}
-
-template <typename F>
-char* guarded(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const std::exception& e) {
-    return message(e.what());
-  } catch (...) {
-    return message("unknown C++ exception");
-  }
-}
-
 }  // namespace
+
+using amoe::guarded;
 
 extern "C" {
 

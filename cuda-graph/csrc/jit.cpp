@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "guarded.h"
+
 #include <dlfcn.h>
 
 #include <cstdlib>
@@ -140,25 +142,9 @@ CUdevice bind_device(int device) {
   return dev;
 }
 
-char* message(const std::string& what) {
-  char* out = static_cast<char*>(std::malloc(what.size() + 1));
-  if (out != nullptr) std::memcpy(out, what.c_str(), what.size() + 1);
-  return out;
-}
-
-template <typename F>
-char* guarded(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const std::exception& e) {
-    return message(e.what());
-  } catch (...) {
-    return message("unknown C++ exception");
-  }
-}
-
 }  // namespace
+
+using amoe::guarded;
 
 extern "C" {
 
