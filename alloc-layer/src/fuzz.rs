@@ -80,6 +80,28 @@ mod tests {
     use super::smoke::replay;
     use super::*;
 
+    fn problem(text: &str) -> Result<Problem> {
+        Problem::from_profile(&SensitivityProfile::from_json(text)?, KBounds::default())
+    }
+
+    #[test]
+    fn profiles_found_by_fuzzing_are_errors() {
+        // Deltas summing to infinity made the DP index its UNREACHED sentinel.
+        let inf = r#"{"schema_version": 1, "full_k": 2, "layers": [{"layer": 0, "k": [1, 2], "delta": [1e308, 1e308]},
+            {"layer": 1, "k": [1, 2], "delta": [1e308, 1e308]}]}"#;
+        let e = problem(inf).expect_err("infinite sum").to_string();
+        assert!(e.contains("overflows"), "{e}");
+        // Smallest k summing past u32::MAX overflowed; now it saturates and every budget is infeasible.
+        let big = r#"{"schema_version": 1, "full_k": 4000000000, "layers": [{"layer": 0, "k": [3000000000], "delta": [0]},
+            {"layer": 1, "k": [3000000000], "delta": [0]}]}"#;
+        let p = problem(big).expect("valid");
+        assert_eq!(p.min_total(), u32::MAX);
+        assert!(matches!(solve_dp(&p, u32::MAX - 1), Err(Error::InfeasibleBudget { .. })));
+        // A 2-billion-column DP table exhausted memory.
+        let wide = r#"{"schema_version": 1, "full_k": 4000000000, "layers": [{"layer": 0, "k": [0, 4000000000], "delta": [1, 0]}]}"#;
+        assert!(matches!(solve_dp(&problem(wide).expect("valid"), 2_000_000_000), Err(Error::DpTooLarge { .. })));
+    }
+
     #[test]
     fn fuzz_smoke_profile_json_never_panics() {
         replay("profile_json", 3000, profile_json);

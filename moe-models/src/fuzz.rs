@@ -134,6 +134,20 @@ mod tests {
     }
 
     #[test]
+    fn implausible_config_sizes_are_errors_naming_the_key() {
+        // Found by fuzz/config_json: a 10^11 rotary dim aborted on allocation, 10^17 layers reserved
+        // memory for them, an OLMoE head_dim near 2^63 overflowed (fuzz/corpus/config_json/crash-*).
+        for (config, key) in [
+            (r#"{"model_type":"deepseek_v2","num_experts_per_tok":2,"qk_rope_head_dim":100000000000}"#, "qk_rope_head_dim"),
+            (r#"{"model_type":"mixtral","hidden_size":8,"vocab_size":16,"num_hidden_layers":100000000000000000}"#, "num_hidden_layers"),
+            (r#"{"model_type":"olmoe","head_dim":9223372036854775807,"num_attention_heads":4}"#, "head_dim"),
+        ] {
+            let e = config_json(config.as_bytes()).expect_err(config);
+            assert!(matches!(&e, Error::Config { key: k, .. } if k == key), "{config}: {e}");
+        }
+    }
+
+    #[test]
     fn the_scratch_checkpoints_are_valid() {
         let ok = br#"{"weight_map": {"x.weight": "a.safetensors", "y.weight": "b.safetensors"}}"#;
         shard_index(ok).expect("valid index");
