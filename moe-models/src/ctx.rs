@@ -159,6 +159,12 @@ impl<'a> ForwardCtx<'a> {
         }
     }
 
+    /// The same policy, mixing rule, dispatch and MLA path, without mask, cache or trace (for a forward
+    /// of its own, such as a decode loop built on the caller's settings).
+    pub fn settings(&self) -> ForwardCtx<'a> {
+        ForwardCtx { policy: self.policy, mask: None, cache: None, renormalize: self.renormalize, trace: None, dispatch: self.dispatch, mla: self.mla }
+    }
+
     /// Set the padding mask.
     pub fn with_mask(mut self, mask: &'a Tensor) -> Self {
         self.mask = Some(mask);

@@ -45,15 +45,7 @@ pub struct GraphDecoder<'m> {
 
 /// One greedy step: feed `tokens`, append to `cache`, write the argmax back into `tokens`.
 fn greedy_step(model: &Model, template: &ForwardCtx<'_>, cache: &mut KvCache, tokens: &mut Tensor) -> Result<()> {
-    let mut ctx = ForwardCtx {
-        policy: template.policy,
-        mask: None,
-        cache: Some(cache),
-        renormalize: template.renormalize,
-        trace: None,
-        dispatch: template.dispatch,
-        mla: template.mla,
-    };
+    let mut ctx = template.settings().with_cache(cache);
     let h = model.forward_hidden(tokens, &mut ctx)?; // (b, 1, h)
     let next = model.lm_head(&h)?.f_argmax(-1, false)?; // (b, 1)
     tokens.f_copy_(&next).ctx("decode: next token")?;
@@ -77,20 +69,15 @@ impl<'m> GraphDecoder<'m> {
         let mut graph = CudaGraph::new(device)?;
         let mut cache = KvCache::with_capacity(capacity);
         let mut tokens = {
-            let mut pre = ForwardCtx {
-                policy: ctx.policy,
-                mask: ctx.mask,
-                cache: Some(&mut cache),
-                renormalize: ctx.renormalize,
-                trace: None,
-                dispatch: ctx.dispatch,
-                mla: ctx.mla,
-            };
+            let mut pre = ctx.settings().with_cache(&mut cache);
+            if let Some(mask) = ctx.mask {
+                pre = pre.with_mask(mask);
+            }
             let h = model.forward_hidden(&prompt.f_to_device(device)?, &mut pre)?;
             let last = h.f_narrow(1, h.size()[1] - 1, 1)?;
             model.lm_head(&last)?.f_argmax(-1, false)? // (b, 1)
         };
-        let template = ForwardCtx { cache: None, trace: None, mask: None, ..*ctx };
+        let template = ctx.settings();
         // Warm up on the graph's stream (lazy libtorch/cuBLAS set-up must not happen inside capture),
         // then rewind the cache and the token so the captured step starts from the prefilled state.
         let mark = cache.mark()?;

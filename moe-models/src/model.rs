@@ -171,15 +171,8 @@ impl Model {
     pub fn generate_greedy(&self, prompt: &[i64], max_new_tokens: usize, ctx: &mut ForwardCtx<'_>) -> Result<Vec<i64>> {
         let info = self.info();
         let mut cache = KvCache::new();
-        let mut ctx = ForwardCtx {
-            policy: ctx.policy,
-            mask: None,
-            cache: Some(&mut cache),
-            renormalize: ctx.renormalize,
-            trace: ctx.trace.as_deref_mut(),
-            dispatch: ctx.dispatch,
-            mla: ctx.mla,
-        };
+        let settings = ctx.settings();
+        let mut ctx = ForwardCtx { trace: ctx.trace.as_deref_mut(), ..settings.with_cache(&mut cache) };
         let mut out = Vec::with_capacity(max_new_tokens);
         let mut ids = Tensor::f_from_slice(prompt)?.f_unsqueeze(0)?.f_to_device(info.device)?;
         for _ in 0..max_new_tokens {

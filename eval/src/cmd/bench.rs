@@ -128,7 +128,7 @@ fn decode_graph(model: &Model, ctx: &mut ForwardCtx<'_>, prompt: &Tensor, steps:
 /// Eager greedy decode of `steps` tokens after `prompt` with a growing cache.
 fn decode(model: &Model, ctx: &ForwardCtx<'_>, prompt: &Tensor, steps: usize) -> Result<()> {
     let mut cache = KvCache::new();
-    let mut ctx = ForwardCtx { cache: Some(&mut cache), trace: None, mask: None, ..*ctx };
+    let mut ctx = ctx.settings().with_cache(&mut cache);
     let mut ids = prompt.shallow_clone();
     for _ in 0..steps {
         let h = model.forward_hidden(&ids, &mut ctx)?;
