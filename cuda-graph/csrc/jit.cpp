@@ -10,6 +10,7 @@
 
 #include "guarded.h"
 
+#include <dirent.h>
 #include <dlfcn.h>
 
 #include <cstdlib>
@@ -26,8 +27,7 @@ namespace {
 using nvrtcResult = int;
 using nvrtcProgram = void*;
 
-struct Api {
-  // libcuda
+struct DriverApi {
   CUresult (*cuInit)(unsigned);
   CUresult (*cuCtxGetCurrent)(CUcontext*);
   CUresult (*cuCtxSetCurrent)(CUcontext);
@@ -39,7 +39,9 @@ struct Api {
   CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                              CUstream, void**, void**);
   CUresult (*cuGetErrorString)(CUresult, const char**);
-  // libnvrtc
+};
+
+struct NvrtcApi {
   nvrtcResult (*nvrtcCreateProgram)(nvrtcProgram*, const char*, const char*, int, const char* const*,
                                     const char* const*);
   nvrtcResult (*nvrtcCompileProgram)(nvrtcProgram, int, const char* const*);
@@ -75,45 +77,81 @@ void sym(void* lib, const char* name, T& out) {
   if (out == nullptr) throw std::runtime_error(std::string("missing symbol ") + name);
 }
 
-const Api& api() {
+// Load a library's symbols once; a failure is kept and reported to every caller.
+template <typename T, typename F>
+const T& load_once(F fill) {
   static std::once_flag once;
-  static Api a;
+  static T a;
   static std::string failure;
-  std::call_once(once, [] {
+  std::call_once(once, [&] {
     try {
-      std::string tried;
-      void* cuda = open_first({"libcuda.so.1", "libcuda.so"}, tried);
-      if (cuda == nullptr) throw std::runtime_error("cannot open the CUDA driver (tried" + tried + ")");
-      std::string dir = torch_lib_dir();
-      std::vector<std::string> nvrtc_names = {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"};
-      for (const char* rel : {"/../../nvidia/cu13/lib/libnvrtc.so.13", "/../../nvidia/cuda_nvrtc/lib/libnvrtc.so.12"})
-        if (!dir.empty()) nvrtc_names.push_back(dir + rel);
-      void* nvrtc = open_first(nvrtc_names, tried);
-      if (nvrtc == nullptr) throw std::runtime_error("cannot open NVRTC (tried" + tried + ")");
-      sym(cuda, "cuInit", a.cuInit);
-      sym(cuda, "cuCtxGetCurrent", a.cuCtxGetCurrent);
-      sym(cuda, "cuCtxSetCurrent", a.cuCtxSetCurrent);
-      sym(cuda, "cuDeviceGet", a.cuDeviceGet);
-      sym(cuda, "cuDevicePrimaryCtxRetain", a.cuDevicePrimaryCtxRetain);
-      sym(cuda, "cuDeviceGetAttribute", a.cuDeviceGetAttribute);
-      sym(cuda, "cuModuleLoadData", a.cuModuleLoadData);
-      sym(cuda, "cuModuleGetFunction", a.cuModuleGetFunction);
-      sym(cuda, "cuLaunchKernel", a.cuLaunchKernel);
-      sym(cuda, "cuGetErrorString", a.cuGetErrorString);
-      sym(nvrtc, "nvrtcCreateProgram", a.nvrtcCreateProgram);
-      sym(nvrtc, "nvrtcCompileProgram", a.nvrtcCompileProgram);
-      sym(nvrtc, "nvrtcGetProgramLogSize", a.nvrtcGetProgramLogSize);
-      sym(nvrtc, "nvrtcGetProgramLog", a.nvrtcGetProgramLog);
-      sym(nvrtc, "nvrtcGetCUBINSize", a.nvrtcGetCUBINSize);
-      sym(nvrtc, "nvrtcGetCUBIN", a.nvrtcGetCUBIN);
-      sym(nvrtc, "nvrtcDestroyProgram", a.nvrtcDestroyProgram);
-      sym(nvrtc, "nvrtcGetErrorString", a.nvrtcGetErrorString);
+      fill(a);
     } catch (const std::exception& e) {
       failure = e.what();
     }
   });
   if (!failure.empty()) throw std::runtime_error(failure);
   return a;
+}
+
+// NVRTC opens its builtins library by name when it compiles; when NVRTC itself was found by path (torch's
+// pip layout, not on the loader's search path), load the builtins from NVRTC's own directory first, so
+// that lookup finds the library already loaded.
+void preload_builtins(void* nvrtc) {
+  Dl_info info;
+  void* s = dlsym(nvrtc, "nvrtcCreateProgram");
+  if (s == nullptr || dladdr(s, &info) == 0 || info.dli_fname == nullptr) return;
+  std::string path(info.dli_fname);
+  auto slash = path.rfind('/');
+  if (slash == std::string::npos) return;
+  std::string dir = path.substr(0, slash);
+  DIR* d = opendir(dir.c_str());
+  if (d == nullptr) return;
+  while (dirent* e = readdir(d)) {
+    std::string n = e->d_name;
+    if (n.rfind("libnvrtc-builtins.so", 0) == 0 && dlopen((dir + "/" + n).c_str(), RTLD_NOW | RTLD_GLOBAL) != nullptr) break;
+  }
+  closedir(d);
+}
+
+// NVRTC alone: enough to compile (and so to check kernels on a machine without a GPU).
+const NvrtcApi& nvrtc_api() {
+  return load_once<NvrtcApi>([](NvrtcApi& a) {
+    std::string tried;
+    std::string dir = torch_lib_dir();
+    std::vector<std::string> nvrtc_names = {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"};
+    for (const char* rel : {"/../../nvidia/cu13/lib/libnvrtc.so.13", "/../../nvidia/cuda_nvrtc/lib/libnvrtc.so.12"})
+      if (!dir.empty()) nvrtc_names.push_back(dir + rel);
+    void* nvrtc = open_first(nvrtc_names, tried);
+    if (nvrtc == nullptr) throw std::runtime_error("cannot open NVRTC (tried" + tried + ")");
+    preload_builtins(nvrtc);
+    sym(nvrtc, "nvrtcCreateProgram", a.nvrtcCreateProgram);
+    sym(nvrtc, "nvrtcCompileProgram", a.nvrtcCompileProgram);
+    sym(nvrtc, "nvrtcGetProgramLogSize", a.nvrtcGetProgramLogSize);
+    sym(nvrtc, "nvrtcGetProgramLog", a.nvrtcGetProgramLog);
+    sym(nvrtc, "nvrtcGetCUBINSize", a.nvrtcGetCUBINSize);
+    sym(nvrtc, "nvrtcGetCUBIN", a.nvrtcGetCUBIN);
+    sym(nvrtc, "nvrtcDestroyProgram", a.nvrtcDestroyProgram);
+    sym(nvrtc, "nvrtcGetErrorString", a.nvrtcGetErrorString);
+  });
+}
+
+const DriverApi& api() {
+  return load_once<DriverApi>([](DriverApi& a) {
+    std::string tried;
+    void* cuda = open_first({"libcuda.so.1", "libcuda.so"}, tried);
+    if (cuda == nullptr) throw std::runtime_error("cannot open the CUDA driver (tried" + tried + ")");
+    sym(cuda, "cuInit", a.cuInit);
+    sym(cuda, "cuCtxGetCurrent", a.cuCtxGetCurrent);
+    sym(cuda, "cuCtxSetCurrent", a.cuCtxSetCurrent);
+    sym(cuda, "cuDeviceGet", a.cuDeviceGet);
+    sym(cuda, "cuDevicePrimaryCtxRetain", a.cuDevicePrimaryCtxRetain);
+    sym(cuda, "cuDeviceGetAttribute", a.cuDeviceGetAttribute);
+    sym(cuda, "cuModuleLoadData", a.cuModuleLoadData);
+    sym(cuda, "cuModuleGetFunction", a.cuModuleGetFunction);
+    sym(cuda, "cuLaunchKernel", a.cuLaunchKernel);
+    sym(cuda, "cuGetErrorString", a.cuGetErrorString);
+  });
 }
 
 void check_cu(CUresult r, const char* what) {
@@ -124,12 +162,12 @@ void check_cu(CUresult r, const char* what) {
 }
 
 void check_nvrtc(nvrtcResult r, const char* what) {
-  if (r != 0) throw std::runtime_error(std::string(what) + ": " + api().nvrtcGetErrorString(r));
+  if (r != 0) throw std::runtime_error(std::string(what) + ": " + nvrtc_api().nvrtcGetErrorString(r));
 }
 
 // Make the device's primary context (the one libtorch's runtime API uses) current on this thread.
 CUdevice bind_device(int device) {
-  const Api& a = api();
+  const DriverApi& a = api();
   check_cu(a.cuInit(0), "cuInit");
   CUdevice dev;
   check_cu(a.cuDeviceGet(&dev, device), "cuDeviceGet");
@@ -142,40 +180,52 @@ CUdevice bind_device(int device) {
   return dev;
 }
 
+// NVRTC-compile `source` for `arch` (e.g. "sm_90") to a cubin; compile errors carry NVRTC's log.
+std::vector<char> compile_cubin(const char* source, const char* name, const std::string& arch) {
+  const NvrtcApi& a = nvrtc_api();
+  std::string arch_opt = "--gpu-architecture=" + arch;
+  const char* opts[] = {arch_opt.c_str(), "--std=c++17", "-default-device", "--use_fast_math"};
+  nvrtcProgram prog = nullptr;
+  check_nvrtc(a.nvrtcCreateProgram(&prog, source, name, 0, nullptr, nullptr), "nvrtcCreateProgram");
+  nvrtcResult r = a.nvrtcCompileProgram(prog, 4, opts);
+  if (r != 0) {
+    size_t n = 0;
+    a.nvrtcGetProgramLogSize(prog, &n);
+    std::string log(n, '\0');
+    a.nvrtcGetProgramLog(prog, log.data());
+    a.nvrtcDestroyProgram(&prog);
+    throw std::runtime_error(std::string("NVRTC could not compile ") + name + ":\n" + log);
+  }
+  size_t n = 0;
+  check_nvrtc(a.nvrtcGetCUBINSize(prog, &n), "nvrtcGetCUBINSize");
+  std::vector<char> cubin(n);
+  check_nvrtc(a.nvrtcGetCUBIN(prog, cubin.data()), "nvrtcGetCUBIN");
+  a.nvrtcDestroyProgram(&prog);
+  return cubin;
+}
+
 }  // namespace
 
 using amoe::guarded;
 
 extern "C" {
 
+// Compile `source` for `arch` without loading it (no GPU or driver needed).
+char* amoe_jit_check(const char* source, const char* name, const char* arch) {
+  return guarded([&] { (void)compile_cubin(source, name, arch); });
+}
+
 // Compile `source` for `device`'s architecture and load it; `*module` is valid for the process.
 char* amoe_jit_compile(const char* source, const char* name, int device, void** module) {
   *module = nullptr;
   return guarded([&] {
-    const Api& a = api();
+    const DriverApi& a = api();
     c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
     CUdevice dev = bind_device(device);
     int major = 0, minor = 0;
     check_cu(a.cuDeviceGetAttribute(&major, 75, dev), "compute capability");  // ..._MAJOR
     check_cu(a.cuDeviceGetAttribute(&minor, 76, dev), "compute capability");  // ..._MINOR
-    std::string arch = "--gpu-architecture=sm_" + std::to_string(major) + std::to_string(minor);
-    const char* opts[] = {arch.c_str(), "--std=c++17", "-default-device", "--use_fast_math"};
-    nvrtcProgram prog = nullptr;
-    check_nvrtc(a.nvrtcCreateProgram(&prog, source, name, 0, nullptr, nullptr), "nvrtcCreateProgram");
-    nvrtcResult r = a.nvrtcCompileProgram(prog, 4, opts);
-    if (r != 0) {
-      size_t n = 0;
-      a.nvrtcGetProgramLogSize(prog, &n);
-      std::string log(n, '\0');
-      a.nvrtcGetProgramLog(prog, log.data());
-      a.nvrtcDestroyProgram(&prog);
-      throw std::runtime_error(std::string("NVRTC could not compile ") + name + ":\n" + log);
-    }
-    size_t n = 0;
-    check_nvrtc(a.nvrtcGetCUBINSize(prog, &n), "nvrtcGetCUBINSize");
-    std::vector<char> cubin(n);
-    check_nvrtc(a.nvrtcGetCUBIN(prog, cubin.data()), "nvrtcGetCUBIN");
-    a.nvrtcDestroyProgram(&prog);
+    std::vector<char> cubin = compile_cubin(source, name, "sm_" + std::to_string(major) + std::to_string(minor));
     CUmodule m = nullptr;
     check_cu(a.cuModuleLoadData(&m, cubin.data()), "cuModuleLoadData");
     *module = m;

@@ -41,7 +41,7 @@ use tch::Tensor;
 use crate::cache::KvCache;
 use crate::ctx::{ForwardCtx, MlaPath};
 use crate::error::{Error, Result, TorchContext};
-use crate::layers::attention::{eager_attention, StepPlan};
+use crate::layers::attention::{attention, AttnMask, StepPlan};
 use crate::layers::decoder::{family_info, CommonConfig, Decoder, Ffn, Loaded, SelfAttention, StackSpec, Step};
 use crate::layers::mlp::Mlp;
 use crate::layers::moe::{check_top_k, MixingTable, MoeBlock, TopkMethod, SWIGLU_NAMES};
@@ -340,18 +340,34 @@ impl Attention {
             None => (c_kv, k_pe),
         }; // (b, s, rank), (b, s, rope)
         let s = c_all.size()[1];
+        let mask = AttnMask { bias: &plan.bias, causal: plan.plain_causal };
         let absorbed = match path {
             MlaPath::Auto => plan.past > 0,
             MlaPath::Expanded => false,
             MlaPath::Absorbed => true,
         };
         let out = if absorbed {
-            let q_lat = q_nope.f_matmul(&self.w_uk)?; // (b, nh, t, rank)
-            let qf = Tensor::f_cat(&[q_lat, q_pe], -1)?; // (b, nh, t, rank + rope)
-            let kf = Tensor::f_cat(&[&c_all, &kpe_all], -1)?.f_unsqueeze(1)?; // (b, 1, s, rank + rope)
-            let vf = c_all.f_unsqueeze(1)?; // (b, 1, s, rank)
-            let o_lat = eager_attention(&qf, &kf, &vf, &plan.bias, self.scale)?; // (b, nh, t, rank)
-            o_lat.f_matmul(&self.w_uv_t)? // (b, nh, t, v)
+            let fused = crate::kernels::mla_decode(&crate::kernels::MlaDecode {
+                q_nope: &q_nope,
+                q_pe: &q_pe,
+                w_uk: &self.w_uk,
+                ckv: &c_all,
+                kpe: &kpe_all,
+                bias: &plan.bias,
+                w_uv_t: &self.w_uv_t,
+                scale: self.scale,
+            })?; // (b, t, nh, v): decode steps on CUDA, one kernel
+            match fused {
+                Some(o) => o,
+                None => {
+                    let q_lat = q_nope.f_matmul(&self.w_uk)?; // (b, nh, t, rank)
+                    let qf = Tensor::f_cat(&[q_lat, q_pe], -1)?; // (b, nh, t, rank + rope)
+                    let kf = Tensor::f_cat(&[&c_all, &kpe_all], -1)?.f_unsqueeze(1)?; // (b, 1, s, rank + rope)
+                    let vf = c_all.f_unsqueeze(1)?; // (b, 1, s, rank)
+                    let o_lat = attention(&qf, &kf, &vf, mask, self.scale)?; // (b, nh, t, rank)
+                    o_lat.f_matmul(&self.w_uv_t)?.f_transpose(1, 2)? // (b, t, nh, v)
+                }
+            }
         } else {
             let kv = self.kv_b_proj.forward(&c_all)?; // (b, s, nh * (nope + v))
             let kv = kv.f_reshape([b, s, self.heads, self.nope + self.v])?.f_transpose(1, 2)?; // (b, nh, s, nope + v)
@@ -360,9 +376,9 @@ impl Attention {
             let k_rot = kpe_all.f_unsqueeze(1)?.f_expand([b, self.heads, s, self.rope], false)?;
             let k = Tensor::f_cat(&[k_nope, k_rot], -1)?; // (b, nh, s, dq)
             let qf = Tensor::f_cat(&[q_nope, q_pe], -1)?; // (b, nh, t, dq)
-            eager_attention(&qf, &k, &v, &plan.bias, self.scale)? // (b, nh, t, v)
+            attention(&qf, &k, &v, mask, self.scale)?.f_transpose(1, 2)? // (b, t, nh, v)
         };
-        let out = out.f_transpose(1, 2)?.f_reshape([b, t, self.heads * self.v])?; // (b, t, nh * v)
+        let out = out.f_reshape([b, t, self.heads * self.v])?; // (b, t, nh * v)
         self.o_proj.forward(&out).ctx(format!("layers.{layer}.self_attn"))
     }
 }

@@ -110,6 +110,12 @@ pub trait DevicePolicy: Send + Sync {
     fn max_k(&self, layer: usize) -> usize;
     /// Choose experts: `[T, max_k(layer)]` i64 ids, padded with -1.
     fn select(&self, layer: usize, batch: &DeviceBatch<'_>) -> DeviceResult<Tensor>;
+    /// `Some(k)` when [`Self::select`] at `layer` is exactly the stock top-k (the first `k` experts of
+    /// the stable descending sort for every valid token), so a model may fuse the selection into its own
+    /// kernels instead of calling `select`. Default `None`.
+    fn fixed_top_k(&self, _layer: usize) -> Option<usize> {
+        None
+    }
 }
 
 /// Sort each row by decreasing probability, ties to the lower expert index (a stable sort keeps the

@@ -28,6 +28,9 @@ impl DevicePolicy for TopK {
     fn select(&self, layer: usize, batch: &DeviceBatch<'_>) -> DeviceResult<Tensor> {
         first_k("topk", layer, self.k, batch)
     }
+    fn fixed_top_k(&self, _layer: usize) -> Option<usize> {
+        Some(self.k)
+    }
 }
 
 impl DevicePolicy for PerLayerTopK {
@@ -39,5 +42,8 @@ impl DevicePolicy for PerLayerTopK {
     }
     fn select(&self, layer: usize, batch: &DeviceBatch<'_>) -> DeviceResult<Tensor> {
         first_k("alloc-l", layer, self.k_of(layer)?, batch)
+    }
+    fn fixed_top_k(&self, layer: usize) -> Option<usize> {
+        self.k_of(layer).ok()
     }
 }

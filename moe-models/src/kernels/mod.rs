@@ -1,10 +1,11 @@
 //! CUDA kernels compiled at run time (NVRTC, through `cuda_graph::jit`) for the decode hot path: no CUDA
 //! toolkit at build time, and nothing of this runs on a CPU.
 //!
-//! [`fused_moe`] evaluates a MoE layer's routed experts for a few tokens in two kernels
-//! (`moe_decode.cu`), replacing the sort / gather / grouped-GEMM / scatter sequence of
-//! [`crate::layers::moe::Experts`]' grouped path where that path is launch-bound; [`rotary`] applies the
-//! rotary embedding in one kernel (`rotary.cu`) instead of five.
+//! [`fused_moe`] evaluates a MoE layer for a few tokens in two or three kernels (`moe_decode.cu`): the
+//! routed experts read straight from the stacked weights, optionally the router's top-k and the shared
+//! expert too, replacing the ~30 kernels of the router, the sort / gather / grouped-GEMM / scatter
+//! sequence of [`crate::layers::moe::Experts`]' grouped path and the shared MLP where those are
+//! launch-bound; [`rotary`] applies the rotary embedding in one kernel (`rotary.cu`) instead of five.
 
 use std::sync::OnceLock;
 
@@ -49,28 +50,40 @@ fn compiled<'a>(
 
 static MOE: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
 static ROTARY: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
+static MLA: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
 
-/// `[moe_gate_up, moe_down]`.
-fn moe_kernels(device: Device) -> Result<&'static [Function]> {
-    compiled(&MOE, device, "moe_decode.cu", include_str!("moe_decode.cu"), &["moe_gate_up", "moe_down"])
+const MOE_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("moe_decode.cu"));
+const ROTARY_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("rotary.cu"));
+const MLA_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("mla_decode.cu"));
+
+/// Every run-time compiled source as `(file name, source)`, as NVRTC gets it (for compile checks).
+pub fn sources() -> [(&'static str, &'static str); 3] {
+    [("moe_decode.cu", MOE_SOURCE), ("rotary.cu", ROTARY_SOURCE), ("mla_decode.cu", MLA_SOURCE)]
 }
 
-/// Whether [`fused_moe`] applies: a CUDA bf16 model, at most [`FUSED_MOE_MAX_PAIRS`] (token, slot)
-/// pairs, 16-byte rows.
-pub fn fused_moe_applies(x: &Tensor, ids: &Tensor, gate_up: &Tensor) -> bool {
-    let (n, w) = (ids.size()[0], ids.size()[1]);
+/// `[moe_router, moe_gate_up, moe_down]`.
+fn moe_kernels(device: Device) -> Result<&'static [Function]> {
+    compiled(&MOE, device, "moe_decode.cu", MOE_SOURCE, &["moe_router", "moe_gate_up", "moe_down"])
+}
+
+/// The most routed experts the in-kernel top-k ranks (`MAX_EXPERTS` in `moe_decode.cu`).
+pub const FUSED_MOE_MAX_EXPERTS: i64 = 1024;
+
+/// Whether [`fused_moe`] applies to `pairs` (token, slot) pairs of `x`: a CUDA bf16 model, at most
+/// [`FUSED_MOE_MAX_PAIRS`] pairs, 16-byte rows.
+pub fn fused_moe_applies(x: &Tensor, pairs: i64, gate_up: &Tensor) -> bool {
     let (h, i2) = (gate_up.size()[2], gate_up.size()[1]);
-    x.device().is_cuda() && x.kind() == Kind::BFloat16 && gate_up.kind() == Kind::BFloat16 && n * w <= FUSED_MOE_MAX_PAIRS
+    x.device().is_cuda() && x.kind() == Kind::BFloat16 && gate_up.kind() == Kind::BFloat16 && pairs <= FUSED_MOE_MAX_PAIRS
         && h % 8 == 0 && (i2 / 2) % 8 == 0
 }
 
 /// [`fused_moe_applies`], and the kernels compile on this GPU (compiled on first use; a failure is
 /// logged once and the grouped path is used instead).
-pub fn fused_moe_available(x: &Tensor, ids: &Tensor, gate_up: &Tensor) -> bool {
-    fused_moe_applies(x, ids, gate_up) && moe_kernels(x.device()).is_ok()
+pub fn fused_moe_available(x: &Tensor, pairs: i64, gate_up: &Tensor) -> bool {
+    fused_moe_applies(x, pairs, gate_up) && moe_kernels(x.device()).is_ok()
 }
 
-/// How [`fused_moe`] gets each chosen expert's mixing weight.
+/// How [`fused_moe`] gets each chosen expert's mixing weight when a policy chose the experts.
 #[derive(Debug, Clone, Copy)]
 pub enum MixWeights<'a> {
     /// `(n, w)` f32: the weights themselves.
@@ -87,54 +100,187 @@ pub enum MixWeights<'a> {
     },
 }
 
-/// Mix the chosen experts for `x` `(n, h)` bf16 on CUDA: `ids` `(n, w)` i64 (`-1` = none; any row stride),
-/// mixing weights as `mix` says, `gate_up` `(e, 2i, h)` and `down` `(e, h, i)` bf16. Returns `(n, h)`
-/// bf16. Every shape, dtype, stride and device is checked here, because the kernels trust them.
-pub fn fused_moe(x: &Tensor, ids: &Tensor, mix: MixWeights<'_>, gate_up: &Tensor, down: &Tensor) -> Result<Tensor> {
+/// Which experts [`fused_moe`] mixes, and with which weights.
+#[derive(Debug, Clone, Copy)]
+pub enum Routing<'a> {
+    /// A routing policy chose: `ids` `(n, w)` i64 (`-1` = none; any row stride) and the weights.
+    Chosen {
+        /// The chosen experts.
+        ids: &'a Tensor,
+        /// Their mixing weights.
+        mix: MixWeights<'a>,
+    },
+    /// Plain top-k inside the kernels: logits `x . router^T` in f32 (`router` `(e, h)` f32), a softmax,
+    /// the `k` most probable experts (ties to the lower index, as a stable descending sort), weighted by
+    /// the family's mixing rule. Replaces the router's linear, softmax and sort kernels.
+    TopK {
+        /// The router weight.
+        router: &'a Tensor,
+        /// Experts per token.
+        k: i64,
+        /// Divide by the chosen probabilities' sum (+1e-20).
+        renormalize: bool,
+        /// Multiply afterwards.
+        scale: f64,
+    },
+}
+
+/// An always-on SwiGLU expert added to the routed sum in the same kernels: DeepSeek's shared experts
+/// (weight 1) or Qwen2-MoE's shared expert, weighted by `sigmoid(x . gate)`.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedExpert<'a> {
+    /// `gate_proj` `(is, h)` bf16.
+    pub gate: &'a Tensor,
+    /// `up_proj` `(is, h)` bf16.
+    pub up: &'a Tensor,
+    /// `down_proj` `(h, is)` bf16.
+    pub down: &'a Tensor,
+    /// `shared_expert_gate` `(1, h)` bf16, if the family gates the shared expert.
+    pub gate_logit: Option<&'a Tensor>,
+}
+
+/// One MoE layer's work for [`fused_moe`].
+#[derive(Debug, Clone, Copy)]
+pub struct MoeCall<'a> {
+    /// `(n, h)` bf16 on CUDA.
+    pub x: &'a Tensor,
+    /// The chosen experts and weights.
+    pub routing: Routing<'a>,
+    /// `(e, 2i, h)` bf16: each expert's gate rows, then its up rows.
+    pub gate_up: &'a Tensor,
+    /// `(e, h, i)` bf16.
+    pub down: &'a Tensor,
+    /// Shared expert added in the same kernels.
+    pub shared: Option<SharedExpert<'a>>,
+}
+
+/// Evaluate a MoE layer for a few tokens in two kernels (three with in-kernel top-k): the routed experts
+/// read straight from the stacked weights, mixed as `call.routing` says, plus the shared expert. Returns
+/// `(n, h)` bf16. Every shape, dtype, stride and device is checked here, because the kernels trust them.
+pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
     let bad = |what: &str| Error::Input(format!("fused MoE: {what}"));
+    let MoeCall { x, routing, gate_up, down, shared } = *call;
     let device = x.device();
-    let (xs, is, gs, ds) = (x.size(), ids.size(), gate_up.size(), down.size());
-    if xs.len() != 2 || is.len() != 2 || gs.len() != 3 || ds.len() != 3 {
-        return Err(bad("expects x (n, h), ids (n, w), gate_up (e, 2i, h), down (e, h, i)"));
+    let (xs, gs, ds) = (x.size(), gate_up.size(), down.size());
+    if xs.len() != 2 || gs.len() != 3 || ds.len() != 3 {
+        return Err(bad("expects x (n, h), gate_up (e, 2i, h), down (e, h, i)"));
     }
-    let (n, h, w, e, i) = (xs[0], xs[1], is[1], gs[0], gs[1] / 2);
-    let (mix_t, mix_shape, gather, renorm, scale) = match mix {
-        MixWeights::Given(t) => (t, [n, w], 0, 0, 1.0),
-        MixWeights::Router { probs, renormalize, scale } => (probs, [n, e], 1, renormalize as i32, scale),
+    let (n, h, e, i) = (xs[0], xs[1], gs[0], gs[1] / 2);
+    if gs != [e, 2 * i, h] || ds != [e, h, i] {
+        return Err(bad(&format!("inconsistent shapes x {xs:?}, gate_up {gs:?}, down {ds:?}")));
+    }
+    let check = |name: &str, t: &Tensor, kind: Kind, shape: &[i64]| -> Result<()> {
+        if t.device() != device || t.kind() != kind || t.size() != shape {
+            return Err(bad(&format!("{name} must be {kind:?} {shape:?} on {device:?}, got {:?} {:?}", t.kind(), t.size())));
+        }
+        Ok(())
     };
-    if is[0] != n || mix_t.size() != mix_shape || gs != [e, 2 * i, h] || ds != [e, h, i] {
-        return Err(bad(&format!(
-            "inconsistent shapes x {xs:?}, ids {is:?}, mixing {:?} (want {mix_shape:?}), gate_up {gs:?}, down {ds:?}",
-            mix_t.size()
-        )));
+    check("down", down, Kind::BFloat16, &ds)?;
+    if !gate_up.is_contiguous() || !down.is_contiguous() {
+        return Err(bad("expert weights must be contiguous"));
     }
-    if !fused_moe_applies(x, ids, gate_up) || down.kind() != Kind::BFloat16 {
+    let w = match routing {
+        Routing::Chosen { ids, mix } => {
+            let is = ids.size();
+            if is.len() != 2 || is[0] != n {
+                return Err(bad(&format!("ids {is:?} must be (n = {n}, w)")));
+            }
+            check("ids", ids, Kind::Int64, &is)?;
+            match mix {
+                MixWeights::Given(t) => check("mixing weights", t, Kind::Float, &[n, is[1]])?,
+                MixWeights::Router { probs, .. } => check("router probabilities", probs, Kind::Float, &[n, e])?,
+            }
+            is[1]
+        }
+        Routing::TopK { router, k, .. } => {
+            check("router", router, Kind::Float, &[e, h])?;
+            if k < 1 || k > e || e > FUSED_MOE_MAX_EXPERTS {
+                return Err(bad(&format!("top-{k} of {e} experts (at most {FUSED_MOE_MAX_EXPERTS} experts)")));
+            }
+            k
+        }
+    };
+    if !fused_moe_applies(x, n * w, gate_up) {
         return Err(bad("needs CUDA bf16, at most 64 pairs and sizes that are multiples of 8"));
     }
-    for (name, t, kind) in [("ids", ids, Kind::Int64), ("mixing", mix_t, Kind::Float), ("gate_up", gate_up, Kind::BFloat16)] {
-        if t.device() != device || t.kind() != kind {
-            return Err(bad(&format!("{name} must be {kind:?} on {device:?}")));
+    let is_ = match shared {
+        None => 0,
+        Some(s) => {
+            let is_ = s.gate.size()[0];
+            check("shared gate_proj", s.gate, Kind::BFloat16, &[is_, h])?;
+            check("shared up_proj", s.up, Kind::BFloat16, &[is_, h])?;
+            check("shared down_proj", s.down, Kind::BFloat16, &[h, is_])?;
+            if let Some(g) = s.gate_logit {
+                check("shared_expert_gate", g, Kind::BFloat16, &[1, h])?;
+            }
+            if is_ % 8 != 0 || ![s.gate, s.up, s.down].iter().all(|t| t.is_contiguous()) {
+                return Err(bad("the shared expert's width must be a multiple of 8 and its weights contiguous"));
+            }
+            is_
         }
-    }
-    if down.device() != device || !gate_up.is_contiguous() || !down.is_contiguous() {
-        return Err(bad("expert weights must be contiguous and on the input's device"));
-    }
+    };
     let k = moe_kernels(device)?;
     let x = x.contiguous();
-    let mix_t = mix_t.contiguous();
-    // Rows of ids may be strided (a policy's narrowed sort); elements must be adjacent.
-    let ids = if ids.stride()[1] == 1 { ids.shallow_clone() } else { ids.contiguous() };
-    let ld = ids.stride()[0];
-    let act = Tensor::f_empty([n * w, i], (Kind::Float, device))?;
+    let f32s = |shape: &[i64]| Tensor::f_empty(shape, (Kind::Float, device));
+    let act = f32s(&[n * w, i])?;
     let out = Tensor::f_empty([n, h], (Kind::BFloat16, device))?;
-    let dims = [Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(ld as i32)];
+    let act_s = f32s(&[n, is_.max(1)])?;
+    let gate_w = f32s(&[n])?;
     let block = [32 * WARPS, 1, 1];
     let rows = |r: i64| (r as u32).div_ceil(WARPS);
-    launch(k[0], [rows(i), (n * w) as u32, 1], block, &[Arg::Tensor(&x), Arg::Tensor(&ids), Arg::Tensor(gate_up), Arg::Tensor(&act)], &dims)?;
-    let down_args = [Arg::Tensor(&act), Arg::Tensor(&ids), Arg::Tensor(&mix_t), Arg::Tensor(down), Arg::Tensor(&out)];
-    let mode = [Arg::I32(gather), Arg::I32(renorm), Arg::F32(scale as f32)];
-    let tail: Vec<Arg<'_>> = dims.iter().chain(&mode).copied().collect();
-    launch(k[1], [rows(h), n as u32, 1], block, &down_args, &tail)?;
+    // Absent tensors are null pointers.
+    let null = Arg::I64(0);
+    let (sg, su, sd, sgate) = match shared {
+        Some(s) => (Arg::Tensor(s.gate), Arg::Tensor(s.up), Arg::Tensor(s.down), s.gate_logit.map_or(null, Arg::Tensor)),
+        None => (null, null, null, null),
+    };
+    let grid_gu = [rows(i.max(is_)), (n * w + if is_ > 0 { n } else { 0 }) as u32, 1];
+    match routing {
+        Routing::Chosen { ids, mix } => {
+            // Rows of ids may be strided (a policy's narrowed sort); elements must be adjacent.
+            let ids = if ids.stride()[1] == 1 { ids.shallow_clone() } else { ids.contiguous() };
+            let ld = ids.stride()[0];
+            let (mix_t, gather, renorm, scale) = match mix {
+                MixWeights::Given(t) => (t.contiguous(), 0, 0, 1.0),
+                MixWeights::Router { probs, renormalize, scale } => (probs.contiguous(), 1, renormalize as i32, scale),
+            };
+            let gu = [
+                Arg::Tensor(&x), Arg::Tensor(&ids), null, Arg::Tensor(gate_up), Arg::Tensor(&act), null, null, sg, su,
+                Arg::Tensor(&act_s), sgate, Arg::Tensor(&gate_w),
+                Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(ld as i32),
+                Arg::I32(is_ as i32), Arg::I32(n as i32), Arg::I32(0), Arg::I32(0), Arg::F32(1.0),
+            ];
+            launch(k[1], grid_gu, block, &gu)?;
+            let dn = [
+                Arg::Tensor(&act), Arg::Tensor(&ids), Arg::Tensor(&mix_t), Arg::Tensor(down), Arg::Tensor(&out), Arg::Tensor(&act_s),
+                sd, if shared.is_some_and(|s| s.gate_logit.is_some()) { Arg::Tensor(&gate_w) } else { null },
+                Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(ld as i32),
+                Arg::I32(is_ as i32), Arg::I32(gather), Arg::I32(renorm), Arg::F32(scale as f32),
+            ];
+            launch(k[2], [rows(h), n as u32, 1], block, &dn)?;
+        }
+        Routing::TopK { router, renormalize, scale, .. } => {
+            let logits = f32s(&[n, e])?;
+            let owned_ids = Tensor::f_empty([n, w], (Kind::Int64, device))?;
+            let wts = f32s(&[n, w])?;
+            let r = [Arg::Tensor(&x), Arg::Tensor(router), Arg::Tensor(&logits), Arg::I32(h as i32), Arg::I32(e as i32)];
+            launch(k[0], [rows(e), n as u32, 1], block, &r)?;
+            let gu = [
+                Arg::Tensor(&x), null, Arg::Tensor(&logits), Arg::Tensor(gate_up), Arg::Tensor(&act), Arg::Tensor(&owned_ids),
+                Arg::Tensor(&wts), sg, su, Arg::Tensor(&act_s), sgate, Arg::Tensor(&gate_w),
+                Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(w as i32),
+                Arg::I32(is_ as i32), Arg::I32(n as i32), Arg::I32(1), Arg::I32(renormalize as i32), Arg::F32(scale as f32),
+            ];
+            launch(k[1], grid_gu, block, &gu)?;
+            let dn = [
+                Arg::Tensor(&act), Arg::Tensor(&owned_ids), Arg::Tensor(&wts), Arg::Tensor(down), Arg::Tensor(&out),
+                Arg::Tensor(&act_s), sd, if shared.is_some_and(|s| s.gate_logit.is_some()) { Arg::Tensor(&gate_w) } else { null },
+                Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(w as i32),
+                Arg::I32(is_ as i32), Arg::I32(0), Arg::I32(0), Arg::F32(1.0),
+            ];
+            launch(k[2], [rows(h), n as u32, 1], block, &dn)?;
+        }
+    }
     Ok(out)
 }
 
@@ -154,7 +300,7 @@ pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Resu
             return Ok(None);
         }
     }
-    let Ok(k) = compiled(&ROTARY, device, "rotary.cu", include_str!("rotary.cu"), &["rotary_bf16"]) else {
+    let Ok(k) = compiled(&ROTARY, device, "rotary.cu", ROTARY_SOURCE, &["rotary_bf16"]) else {
         return Ok(None);
     };
     let pairs = b * hh * t * d / 2;
@@ -168,18 +314,101 @@ pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Resu
         Arg::I32(hh as i32), Arg::I32(t as i32), Arg::I32(d as i32), Arg::I32(interleaved as i32), Arg::I32(pairs as i32),
         Arg::I64(st[0]), Arg::I64(st[1]), Arg::I64(st[2]), Arg::I64(st[3]),
     ];
-    launch(k[0], [(pairs as u32).div_ceil(256), 1, 1], [256, 1, 1], &args, &[])?;
+    launch(k[0], [(pairs as u32).div_ceil(256), 1, 1], [256, 1, 1], &args)?;
     Ok(Some(out))
 }
 
+/// Inputs of [`mla_decode`]: DeepSeek-V2's absorbed multi-head latent attention for a few query tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct MlaDecode<'a> {
+    /// `(b, nh, t, nope)` bf16, unit last stride.
+    pub q_nope: &'a Tensor,
+    /// `(b, nh, t, rope)` bf16, roped.
+    pub q_pe: &'a Tensor,
+    /// `(nh, nope, rank)` bf16: the key part of `kv_b_proj`.
+    pub w_uk: &'a Tensor,
+    /// `(b, s, rank)` bf16: the cached normalised latents, unit last stride.
+    pub ckv: &'a Tensor,
+    /// `(b, s, rope)` bf16: the cached roped key parts, unit last stride.
+    pub kpe: &'a Tensor,
+    /// `(b, 1, t, s)` f32 additive bias (-inf: not attended, and not read).
+    pub bias: &'a Tensor,
+    /// `(nh, rank, v)` bf16: the value part of `kv_b_proj`, transposed.
+    pub w_uv_t: &'a Tensor,
+    /// Softmax scale.
+    pub scale: f64,
+}
+
+/// The most `b * t` query tokens [`mla_decode`] takes (decode steps; prefill uses fused sdpa).
+pub const MLA_DECODE_MAX_QUERIES: i64 = 64;
+
+/// DeepSeek-V2 attention for decode steps in one kernel (`mla_decode.cu`): `(b, t, nh, v)` bf16, or
+/// `None` when the kernel does not apply (not CUDA bf16, too many queries or slots for shared memory,
+/// unsupported sizes, or it did not compile) and the caller uses libtorch.
+pub fn mla_decode(a: &MlaDecode<'_>) -> Result<Option<Tensor>> {
+    let q = a.q_nope.size();
+    if q.len() != 4 || !a.q_nope.device().is_cuda() {
+        return Ok(None);
+    }
+    let device = a.q_nope.device();
+    let (b, nh, t, nope) = (q[0], q[1], q[2], q[3]);
+    let (s, rank) = (a.ckv.size().get(1).copied().unwrap_or(0), a.ckv.size().last().copied().unwrap_or(0));
+    let (rope, v) = (a.q_pe.size().last().copied().unwrap_or(0), a.w_uv_t.size().last().copied().unwrap_or(0));
+    let shapes_ok = a.q_pe.size() == [b, nh, t, rope]
+        && a.w_uk.size() == [nh, nope, rank]
+        && a.ckv.size() == [b, s, rank]
+        && a.kpe.size() == [b, s, rope]
+        && a.bias.size() == [b, 1, t, s]
+        && a.w_uv_t.size() == [nh, rank, v];
+    let bf16 = [a.q_nope, a.q_pe, a.w_uk, a.ckv, a.kpe, a.w_uv_t].iter().all(|x| x.kind() == Kind::BFloat16 && x.device() == device);
+    let layout = a.q_nope.stride()[3] == 1
+        && a.ckv.stride()[2] == 1
+        && a.kpe.stride()[2] == 1
+        && [a.q_pe, a.w_uk, a.w_uv_t, a.bias].iter().all(|x| x.is_contiguous())
+        && a.bias.kind() == Kind::Float
+        && a.bias.device() == device;
+    let shared_bytes = (2 * rank + rope + 320 + s) * 4;
+    let sizes_ok = b * t <= MLA_DECODE_MAX_QUERIES
+        && rank % 8 == 0
+        && rope % 8 == 0
+        && rank > 0
+        && (1..=256).contains(&nope)
+        && (1..=256).contains(&v)
+        && shared_bytes <= 48 * 1024;
+    if !(shapes_ok && bf16 && layout && sizes_ok) {
+        return Ok(None);
+    }
+    let Ok(k) = compiled(&MLA, device, "mla_decode.cu", MLA_SOURCE, &["mla_decode"]) else {
+        return Ok(None);
+    };
+    let out = Tensor::f_empty([b, t, nh, v], (Kind::BFloat16, device))?;
+    let (qs, cs, ks) = (a.q_nope.stride(), a.ckv.stride(), a.kpe.stride());
+    let args = [
+        Arg::Tensor(a.q_nope), Arg::I64(qs[0]), Arg::I64(qs[1]), Arg::I64(qs[2]),
+        Arg::Tensor(a.q_pe), Arg::Tensor(a.w_uk),
+        Arg::Tensor(a.ckv), Arg::I64(cs[0]), Arg::I64(cs[1]),
+        Arg::Tensor(a.kpe), Arg::I64(ks[0]), Arg::I64(ks[1]),
+        Arg::Tensor(a.bias), Arg::Tensor(a.w_uv_t), Arg::Tensor(&out),
+        Arg::I32(nh as i32), Arg::I32(t as i32), Arg::I32(s as i32), Arg::I32(nope as i32), Arg::I32(rope as i32),
+        Arg::I32(rank as i32), Arg::I32(v as i32), Arg::F32(a.scale as f32),
+    ];
+    launch_shared(k[0], [nh as u32, (b * t) as u32, 1], [256, 1, 1], shared_bytes as u32, &args)?;
+    Ok(Some(out))
+}
+
+fn launch(f: Function, grid: [u32; 3], block: [u32; 3], args: &[Arg<'_>]) -> Result<()> {
+    launch_shared(f, grid, block, 0, args)
+}
+
 #[allow(unsafe_code)]
-fn launch(f: Function, grid: [u32; 3], block: [u32; 3], tensors: &[Arg<'_>], dims: &[Arg<'_>]) -> Result<()> {
-    let args: Vec<Arg<'_>> = tensors.iter().chain(dims).copied().collect();
-    // SAFETY: the callers (`fused_moe`, `rotary`) checked that every tensor is on the kernel's device, of
+fn launch_shared(f: Function, grid: [u32; 3], block: [u32; 3], shared: u32, args: &[Arg<'_>]) -> Result<()> {
+    // SAFETY: the callers (`fused_moe`, `rotary`, `mla_decode`) checked that every tensor is on the kernel's device, of
     // the dtype, shape and strides the kernel indexes with (the size arguments passed); `fused_moe`'s ids
-    // outside 0..E are skipped by the kernels; the grids cover exactly the rows, pairs or elements those
-    // shapes give, and the kernels bound-check the rest.
-    unsafe { f.launch(grid, block, 0, &args) }.map_err(Error::from)
+    // outside 0..E are skipped by the kernels, and its null pointers are only for tensors the size and
+    // mode arguments say are absent; the grids cover exactly the rows, pairs or elements those shapes
+    // give, and the kernels bound-check the rest.
+    // `mla_decode`'s dynamic shared memory is sized from the same sizes.
+    unsafe { f.launch(grid, block, shared, args) }.map_err(Error::from)
 }
 
 #[cfg(test)]
@@ -246,7 +475,9 @@ mod tests {
                 let table = crate::layers::moe::MixingTable { native: m, always: m, never: m };
                 let wts = crate::layers::moe::mixing_weights(&probs, &ids, crate::ctx::Renormalize::Native, &table).expect("w");
                 let want = ex.forward(&x, &ids, &wts, Dispatch::Grouped).expect("grouped").to_kind(Kind::Float);
-                let got = fused_moe(&x, &ids, MixWeights::Router { probs: &probs, renormalize, scale: s }, &ex.gate_up_proj, &ex.down_proj)
+                let mix = MixWeights::Router { probs: &probs, renormalize, scale: s };
+                let got = ex
+                    .forward_fused(&x, Routing::Chosen { ids: &ids, mix }, None)
                     .expect("fused router")
                     .to_kind(Kind::Float);
                 let err = (&got - &want).abs().max().double_value(&[]);
@@ -255,5 +486,132 @@ mod tests {
                 assert!(err <= 0.02 * scale + 1e-3, "router-mixed fused differs: {err} vs {scale}");
             }
         }
+    }
+
+    /// A random bf16 MoE block on the GPU: `e` experts of width `i`, hidden `h`, with a shared expert of
+    /// width `is` (gated or not) when `is > 0`.
+    fn random_block(e: i64, h: i64, i: i64, is: i64, gated: bool, renormalize: bool) -> crate::layers::moe::MoeBlock {
+        use crate::layers::mlp::Mlp;
+        use crate::layers::moe::{MoeBlock, Mixing, MixingTable, TopkMethod};
+        use crate::layers::Linear;
+        let dev = Device::Cuda(0);
+        let bf = |s: &[i64], sd: f64| (Tensor::randn(s, (Kind::Float, dev)) * sd).to_kind(Kind::BFloat16);
+        let lin = |o: i64, n: i64| Linear { weight: bf(&[o, n], 0.05), bias: None };
+        let m = Mixing { renormalize, scale: if renormalize { 1.0 } else { 1.5 } };
+        MoeBlock {
+            gate: Tensor::randn([e, h], (Kind::Float, dev)) * 0.2,
+            experts: Experts { gate_up_proj: bf(&[e, 2 * i, h], 0.05), down_proj: bf(&[e, h, i], 0.05), num_experts: e },
+            shared_experts: (is > 0).then(|| Mlp { gate_proj: lin(is, h), up_proj: lin(is, h), down_proj: lin(h, is) }),
+            shared_expert_gate: (is > 0 && gated).then(|| lin(1, h)),
+            topk_method: TopkMethod::Greedy,
+            mixing: MixingTable { native: m, always: m, never: m },
+        }
+    }
+
+    /// On a GPU: a whole MoE block with the router's top-k inside the kernels and the shared expert
+    /// added there (`Dispatch::Auto` at decode sizes) equals the libtorch path (router linear, softmax,
+    /// stable sort, mixing weights, grouped GEMMs, shared MLP), for DeepSeek-like (ungated shared,
+    /// unnormalised scaled weights), Qwen-like (sigmoid-gated shared, 60 experts) and Mixtral-like (no
+    /// shared) blocks, one and several tokens. Also: a policy-chosen selection (Alloc-T-like ids through
+    /// `Routing::Chosen`) with the shared expert fused.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn fused_top_k_and_shared_expert_match_the_libtorch_block() {
+        use crate::ctx::ForwardCtx;
+        use crate::layers::moe::TokenInfo;
+        use alloc_token::device::DeviceTopK;
+        let dev = Device::Cuda(0);
+        tch::manual_seed(5);
+        for (e, is, gated, renorm, k) in [(64i64, 272i64, false, false, 6usize), (60, 176, true, true, 4), (8, 0, false, true, 2)] {
+            let block = random_block(e, 256, 136, is, gated, renorm);
+            let policy = DeviceTopK { k };
+            assert_eq!(alloc_token::device::DevicePolicy::fixed_top_k(&policy, 3), Some(k));
+            for n in [1i64, 5] {
+                let x = (Tensor::randn([1, n, 256], (Kind::Float, dev))).to_kind(Kind::BFloat16);
+                let tokens = TokenInfo { mask: None, seq_ids: Tensor::zeros([n], (Kind::Int64, dev)) };
+                let mut fused_ctx = ForwardCtx::new(&policy);
+                let got = block.forward(3, &x, &tokens, &mut fused_ctx).expect("fused").to_kind(Kind::Float);
+                let mut ref_ctx = ForwardCtx::new(&policy);
+                ref_ctx.dispatch = Dispatch::Grouped;
+                let want = block.forward(3, &x, &tokens, &mut ref_ctx).expect("grouped").to_kind(Kind::Float);
+                let err = (&got - &want).abs().max().double_value(&[]);
+                let scale = want.abs().max().double_value(&[]);
+                eprintln!("e {e}, shared {is} (gated {gated}), k {k}, n {n}: max |fused top-k - libtorch| = {err:.3e} (of {scale:.3e})");
+                assert!(err <= 0.02 * scale + 1e-3, "fused top-k block differs: {err} vs {scale}");
+            }
+        }
+        // Chosen ids (with empty slots) plus a gated shared expert.
+        let block = random_block(16, 256, 136, 176, true, true);
+        let x = Tensor::randn([3, 256], (Kind::Float, dev)).to_kind(Kind::BFloat16);
+        let ids = Tensor::from_slice(&[1i64, 4, -1, 15, 15, 2, -1, -1, -1]).reshape([3, 3]).to_device(dev);
+        let probs = block.router_probs(&x).expect("probs");
+        let mix = MixWeights::Router { probs: &probs, renormalize: true, scale: 1.0 };
+        let shared = block.shared_experts.as_ref().expect("shared");
+        let gate = block.shared_expert_gate.as_ref().expect("gate");
+        let s = SharedExpert { gate: &shared.gate_proj.weight, up: &shared.up_proj.weight, down: &shared.down_proj.weight, gate_logit: Some(&gate.weight) };
+        let got = block.experts.forward_fused(&x, Routing::Chosen { ids: &ids, mix }, Some(s)).expect("fused").to_kind(Kind::Float);
+        let w = crate::layers::moe::mixing_weights(&probs, &ids, crate::ctx::Renormalize::Native, &block.mixing).expect("w");
+        let routed = block.experts.forward(&x, &ids, &w, Dispatch::Grouped).expect("grouped");
+        let sh = shared.forward(&x).expect("shared") * gate.forward(&x).expect("gate").sigmoid();
+        let want = (routed + sh).to_kind(Kind::Float);
+        let err = (&got - &want).abs().max().double_value(&[]);
+        let scale = want.abs().max().double_value(&[]);
+        eprintln!("chosen ids + gated shared: max |fused - libtorch| = {err:.3e} (of {scale:.3e})");
+        assert!(err <= 0.02 * scale + 1e-3, "{err} vs {scale}");
+    }
+
+    /// Every run-time compiled kernel compiles with NVRTC for the H200 (sm_90), on any machine: CPU-only
+    /// CI catches CUDA syntax and type errors before a GPU run does. NVRTC comes with torch's pip wheels;
+    /// a build without the `cuda_graph` shim reports `NotCompiled` and checks nothing.
+    #[test]
+    fn kernels_compile_for_sm90() {
+        for (name, source) in sources() {
+            match cuda_graph::jit::check_compiles(name, source, "sm_90") {
+                Ok(()) => {}
+                Err(cuda_graph::Error::NotCompiled) => eprintln!("{name}: not checked (cuda-graph shim not compiled in)"),
+                Err(e) => panic!("{name}: {e}"),
+            }
+        }
+    }
+
+    /// On a GPU: the one-kernel MLA decode attention equals the libtorch absorbed path (q_nope x W_uk,
+    /// concatenations, eager softmax attention, x W_uv) within bf16 rounding, with masked (-inf) slots
+    /// that the kernel skips, two sequences and strided inputs.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn mla_decode_kernel_matches_the_absorbed_libtorch_path() {
+        let dev = Device::Cuda(0);
+        tch::manual_seed(9);
+        let (b, nh, t, nope, rope, rank, v, s) = (2i64, 16i64, 1i64, 128i64, 64i64, 512i64, 128i64, 77i64);
+        let bf = |sh: &[i64], sd: f64| (Tensor::randn(sh, (Kind::Float, dev)) * sd).to_kind(Kind::BFloat16);
+        let q = bf(&[b, t, nh, nope + rope], 1.0).transpose(1, 2); // (b, nh, t, nope + rope), strided
+        let q_nope = q.narrow(-1, 0, nope);
+        let q_pe = q.narrow(-1, nope, rope).contiguous();
+        let w_uk = bf(&[nh, nope, rank], 0.05);
+        let w_uv_t = bf(&[nh, rank, v], 0.05);
+        let cache = bf(&[b, s, rank + rope], 1.0);
+        let ckv = cache.narrow(-1, 0, rank); // strided rows
+        let kpe = cache.narrow(-1, rank, rope);
+        // Slots 50.. of sequence 0 and 0..3 of sequence 1 are masked.
+        let keep = Tensor::ones([b, s], (Kind::Bool, dev));
+        let _ = keep.get(0).narrow(0, 50, s - 50).fill_(0);
+        let _ = keep.get(1).narrow(0, 0, 3).fill_(0);
+        let zero = Tensor::zeros([1], (Kind::Float, dev));
+        let ninf = Tensor::full([1], f64::NEG_INFINITY, (Kind::Float, dev));
+        let bias = zero.where_self(&keep, &ninf).view([b, 1, 1, s]).contiguous();
+        let scale = 0.07;
+        let got = mla_decode(&MlaDecode { q_nope: &q_nope, q_pe: &q_pe, w_uk: &w_uk, ckv: &ckv, kpe: &kpe, bias: &bias, w_uv_t: &w_uv_t, scale })
+            .expect("mla")
+            .expect("applies")
+            .to_kind(Kind::Float); // (b, t, nh, v)
+        let q_lat = q_nope.matmul(&w_uk);
+        let qf = Tensor::cat(&[q_lat, q_pe.shallow_clone()], -1);
+        let kf = Tensor::cat(&[&ckv, &kpe], -1).unsqueeze(1);
+        let o_lat = crate::layers::attention::eager_attention(&qf, &kf, &ckv.unsqueeze(1), &bias, scale).expect("eager");
+        let want = o_lat.matmul(&w_uv_t).transpose(1, 2).to_kind(Kind::Float);
+        let err = (&got - &want).abs().max().double_value(&[]);
+        let mag = want.abs().max().double_value(&[]);
+        eprintln!("mla_decode: max |kernel - libtorch| = {err:.3e} (of {mag:.3e})");
+        assert!(err <= 0.03 * mag + 1e-3, "{err} vs {mag}");
     }
 }

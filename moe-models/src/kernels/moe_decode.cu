@@ -1,67 +1,96 @@
-// Fused routed-expert kernels for few tokens (batch-1 decode), compiled at run time by NVRTC.
+// Fused MoE kernels for few tokens (batch-1 decode), compiled at run time by NVRTC.
 //
-// The stock path (sort pairs by expert, gather rows, two grouped GEMMs, scatter back) costs ~19 kernel
-// launches per MoE layer and reads the chosen experts' weights at under half of the H200's bandwidth. At
-// a few tokens the work is matrix-vector products, so here it is two kernels that read each chosen
-// expert's rows straight from the stacked weights, 16 bytes per lane, one warp per output row:
-//   moe_gate_up: act[p, r] = silu(W_gu[e_p, r] . x[t_p]) * (W_gu[e_p, I + r] . x[t_p])   (f32)
-//   moe_down:    out[t, c] = sum_s mix[t, s] * (W_d[e_(t,s), c] . act[(t,s)])           (bf16)
-// where mix is given, or made in the kernel from the router probabilities and the family's mixing rule
-// (saving the four to seven small kernels of gathering, masking, renormalising and scaling).
-// for pairs p = (t, s), e_p = ids[t, s] (-1: no expert, contributes nothing). Accumulation is f32; the
-// sum over a token's slots is in slot order, so results are deterministic.
+// The stock path (router linear, softmax, sort; sort pairs by expert, gather rows, two grouped GEMMs,
+// scatter back; the shared experts' five kernels and an add) costs ~30 kernel launches per MoE layer
+// and reads the chosen experts' weights at under half of the H200's bandwidth. At a few tokens the work
+// is matrix-vector products, so here it is at most three kernels that read each chosen expert's rows
+// straight from the stacked weights, 16 bytes per lane, one warp per output row:
+//   moe_router:  logits[t, e] = x[t] . W_r[e]                                              (f32)
+//   moe_gate_up: act[p, r] = silu(W_gu[e_p, r] . x[t_p]) * (W_gu[e_p, I + r] . x[t_p])      (f32)
+//                and the same for the shared expert (its own gate/up weights, width Is)
+//   moe_down:    out[t, c] = sum_s mix[t, s] * (W_d[e_(t,s), c] . act[(t,s)])
+//                          + g_t * (W_sd[c] . act_s[t])                                     (bf16)
+// for pairs p = (t, s). The chosen experts e_p and weights mix come from one of:
+//   - a policy's ids (-1: no expert, contributes nothing) with weights given, or made in the kernel from
+//     the router probabilities and the family's mixing rule;
+//   - top-k in the kernel (route = 1): every gate_up block of token t takes a softmax of the logits row
+//     and the rank of each expert (probability descending, ties to the lower index, as a stable sort),
+//     so slot s is the expert of rank s; the x == 0 block of each pair writes the id and its mixing
+//     weight for moe_down.
+// g_t is 1 (DeepSeek) or sigmoid(x[t] . w_g) (Qwen2-MoE's shared_expert_gate), made by a gate_up block.
+// Accumulation is f32; sums over slots run in slot order, so results are deterministic.
 //
-// bf16 is handled as raw 16-bit words (no cuda_bf16.h, so NVRTC needs no include path). Requirements
-// (checked by the caller): contiguous tensors, H and I multiples of 8 (16-byte rows).
+// Shared helpers (bf16 words, dot products, reductions) are in common.cuh, prepended at compile time.
+// Requirements (checked by the caller): contiguous tensors, H and I multiples of 8 (16-byte rows).
 
-typedef unsigned short bf16;
-typedef long long i64;
+#define MAX_EXPERTS 1024
 
-__device__ __forceinline__ float lo(unsigned w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
-
-// Round to nearest even, NaN kept quiet.
-__device__ __forceinline__ bf16 to_bf16(float f) {
-  unsigned u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)0x7fc0;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (bf16)(u >> 16);
-}
-
-__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
-  return lo(w.x) * lo(x.x) + hi(w.x) * hi(x.x) + lo(w.y) * lo(x.y) + hi(w.y) * hi(x.y) +
-         lo(w.z) * lo(x.z) + hi(w.z) * hi(x.z) + lo(w.w) * lo(x.w) + hi(w.w) * hi(x.w);
-}
-
-__device__ __forceinline__ float dot8f(uint4 w, float4 a, float4 b) {
-  return lo(w.x) * a.x + hi(w.x) * a.y + lo(w.y) * a.z + hi(w.y) * a.w +
-         lo(w.z) * b.x + hi(w.z) * b.y + lo(w.w) * b.z + hi(w.w) * b.w;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// grid (ceil(I / warps), pairs), block (32 * warps). x (T, H) bf16, ids (T, W) i64 with row stride ld,
-// w_gu (E, 2I, H) bf16, act (T * W, I) f32.
-extern "C" __global__ void moe_gate_up(const bf16* __restrict__ x, const i64* __restrict__ ids,
-                                       const bf16* __restrict__ w_gu, float* __restrict__ act, int H, int I,
-                                       int W, int E, int ld) {
-  const int pair = blockIdx.y;
-  const int lane = threadIdx.x & 31;
-  const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (r >= I) return;
-  const int t = pair / W;
-  const i64 e = ids[(i64)t * ld + pair % W];
-  float* out = act + (i64)pair * I + r;
-  if (e < 0 || e >= E) {
-    if (lane == 0) *out = 0.f;
-    return;
+// Top-k routing of one token inside a block: softmax of the logits row (E values), the expert of rank s
+// (probability descending, ties to the lower index) and its mixing weight (the probability, divided by
+// the sum over the K chosen + 1e-20 when renorm, times scale). Returns the expert (-1 if none: NaN
+// logits) and writes the weight to *w. All threads must call it.
+__device__ int route_slot(const float* __restrict__ logits, int E, int K, int s, int renorm, float scale,
+                          float* w) {
+  __shared__ float p[MAX_EXPERTS];
+  __shared__ float red[33];
+  __shared__ int chosen;
+  if (threadIdx.x == 0) chosen = -1;
+  float m = NEG_INF;
+  for (int j = threadIdx.x; j < E; j += blockDim.x) {
+    p[j] = logits[j];
+    m = fmaxf(m, p[j]);
   }
+  m = block_reduce(m, true, red);
+  float z = 0.f;
+  for (int j = threadIdx.x; j < E; j += blockDim.x) {
+    p[j] = expf(p[j] - m);
+    z += p[j];
+  }
+  z = block_reduce(z, false, red);
+  for (int j = threadIdx.x; j < E; j += blockDim.x) p[j] = p[j] / z;
+  __syncthreads();
+  float top = 0.f;
+  for (int j = threadIdx.x; j < E; j += blockDim.x) {
+    const float pj = p[j];
+    int rank = 0;
+    for (int i = 0; i < E; ++i) {
+      const float pi = p[i];
+      rank += (pi > pj) || (pi == pj && i < j);
+    }
+    if (rank == s) chosen = j;
+    if (rank < K) top += pj;
+  }
+  top = block_reduce(top, false, red);  // its barriers also publish `chosen`
+  const int e = chosen;
+  float wt = e >= 0 ? p[e] : 0.f;
+  if (renorm) wt /= top + 1e-20f;
+  *w = wt * scale;
+  return e;
+}
+
+// grid (ceil(E / warps), T), block (32 * warps): logits[t, e] = x[t] . w_r[e] in f32. x (T, H) bf16,
+// w_r (E, H) f32, logits (T, E) f32.
+extern "C" __global__ void moe_router(const bf16* __restrict__ x, const float* __restrict__ w_r,
+                                      float* __restrict__ logits, int H, int E) {
+  const int t = blockIdx.y;
+  const int lane = threadIdx.x & 31;
+  const int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (e >= E) return;
   const bf16* xr = x + (i64)t * H;
-  const bf16* g = w_gu + (e * 2 * I + r) * (i64)H;
-  const bf16* u = g + (i64)I * H;
+  const float* wr = w_r + (i64)e * H;
+  float acc = 0.f;
+#pragma unroll 4
+  for (int c = lane * 8; c < H; c += 256) {
+    acc += dot8f(*reinterpret_cast<const uint4*>(xr + c), *reinterpret_cast<const float4*>(wr + c),
+                 *reinterpret_cast<const float4*>(wr + c + 4));
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) logits[(i64)t * E + e] = acc;
+}
+
+// One warp's SwiGLU row: silu(g . x) * (u . x) over H (16-byte loads).
+__device__ __forceinline__ float swiglu_row(const bf16* __restrict__ g, const bf16* __restrict__ u,
+                                            const bf16* __restrict__ xr, int H, int lane) {
   float sg = 0.f, su = 0.f;
 #pragma unroll 4
   for (int c = lane * 8; c < H; c += 256) {
@@ -71,7 +100,62 @@ extern "C" __global__ void moe_gate_up(const bf16* __restrict__ x, const i64* __
   }
   sg = warp_sum(sg);
   su = warp_sum(su);
-  if (lane == 0) *out = sg / (1.f + __expf(-sg)) * su;
+  return sg / (1.f + __expf(-sg)) * su;
+}
+
+// grid (ceil(max(I, Is) / warps), T * W + (Is > 0 ? T : 0)), block (32 * warps).
+// Routed pairs (y < T * W): expert from ids (route = 0; (T, W) i64, row stride ld) or from the logits
+// (route = 1; (T, E) f32, writes ids_out (T, W) i64 and w_out (T, W) f32 from the x == 0 block); rows of
+// w_gu (E, 2I, H) bf16 into act (T * W, I) f32.
+// Shared rows (y >= T * W, token y - T * W): s_g, s_u (Is, H) bf16 into act_s (T, Is) f32; with s_gate
+// (H) bf16 given, the x == 0 block also writes g[t] = sigmoid(x[t] . s_gate) (else moe_down uses 1).
+extern "C" __global__ void moe_gate_up(const bf16* __restrict__ x, const i64* __restrict__ ids,
+                                       const float* __restrict__ logits, const bf16* __restrict__ w_gu,
+                                       float* __restrict__ act, i64* __restrict__ ids_out,
+                                       float* __restrict__ w_out, const bf16* __restrict__ s_g,
+                                       const bf16* __restrict__ s_u, float* __restrict__ act_s,
+                                       const bf16* __restrict__ s_gate, float* __restrict__ g,
+                                       int H, int I, int W, int E, int ld, int Is, int T, int route,
+                                       int renorm, float scale) {
+  const int pair = blockIdx.y;
+  const int lane = threadIdx.x & 31;
+  const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (pair >= T * W) {  // the shared expert of token t
+    const int t = pair - T * W;
+    const bf16* xr = x + (i64)t * H;
+    if (s_gate != 0 && blockIdx.x == 0 && threadIdx.x < 32) {
+      float d = 0.f;
+      for (int c = lane * 8; c < H; c += 256)
+        d += dot8(*reinterpret_cast<const uint4*>(s_gate + c), *reinterpret_cast<const uint4*>(xr + c));
+      d = warp_sum(d);
+      if (lane == 0) g[t] = 1.f / (1.f + expf(-d));
+    }
+    if (r >= Is) return;
+    const float v = swiglu_row(s_g + (i64)r * H, s_u + (i64)r * H, xr, H, lane);
+    if (lane == 0) act_s[(i64)t * Is + r] = v;
+    return;
+  }
+  const int t = pair / W;
+  i64 e;
+  if (route) {
+    float w;
+    e = route_slot(logits + (i64)t * E, E, W, pair % W, renorm, scale, &w);
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      ids_out[pair] = e;
+      w_out[pair] = w;
+    }
+  } else {
+    e = ids[(i64)t * ld + pair % W];
+  }
+  if (r >= I) return;
+  float* out = act + (i64)pair * I + r;
+  if (e < 0 || e >= E) {
+    if (lane == 0) *out = 0.f;
+    return;
+  }
+  const bf16* gr = w_gu + (e * 2 * I + r) * (i64)H;
+  const float v = swiglu_row(gr, gr + (i64)I * H, x + (i64)t * H, H, lane);
+  if (lane == 0) *out = v;
 }
 
 // The mixing weight of slot s of token t. gather = 0: mix is (T, W), the weights themselves. gather = 1:
@@ -94,12 +178,26 @@ __device__ __forceinline__ float slot_weight(const float* mix, const i64* ids, i
   return w * scale;
 }
 
+// One warp's dot of a bf16 row with an f32 vector over I (16-byte loads).
+__device__ __forceinline__ float row_dot(const bf16* __restrict__ wr, const float* __restrict__ a, int I,
+                                         int lane) {
+  float acc = 0.f;
+#pragma unroll 4
+  for (int j = lane * 8; j < I; j += 256) {
+    acc += dot8f(*reinterpret_cast<const uint4*>(wr + j), *reinterpret_cast<const float4*>(a + j),
+                 *reinterpret_cast<const float4*>(a + j + 4));
+  }
+  return acc;
+}
+
 // grid (ceil(H / warps), T), block (32 * warps). act (T * W, I) f32, ids (T, W) i64 (row stride ld), mix
-// (see slot_weight), w_d (E, H, I) bf16, out (T, H) bf16.
+// (see slot_weight), w_d (E, H, I) bf16, out (T, H) bf16. With Is > 0, adds g[t] (1 when g is null)
+// times the shared expert's down row s_d (H, Is) bf16 applied to act_s (T, Is) f32.
 extern "C" __global__ void moe_down(const float* __restrict__ act, const i64* __restrict__ ids,
                                     const float* __restrict__ mix, const bf16* __restrict__ w_d,
-                                    bf16* __restrict__ out, int H, int I, int W, int E, int ld, int gather,
-                                    int renorm, float scale) {
+                                    bf16* __restrict__ out, const float* __restrict__ act_s,
+                                    const bf16* __restrict__ s_d, const float* __restrict__ g, int H, int I,
+                                    int W, int E, int ld, int Is, int gather, int renorm, float scale) {
   const int t = blockIdx.y;
   const int lane = threadIdx.x & 31;
   const int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -109,15 +207,12 @@ extern "C" __global__ void moe_down(const float* __restrict__ act, const i64* __
     const int pair = t * W + s;
     const i64 e = ids[(i64)t * ld + s];
     if (e < 0 || e >= E) continue;  // the same for the whole warp
-    const bf16* wr = w_d + (e * H + c) * (i64)I;
-    const float* a = act + (i64)pair * I;
-    float acc = 0.f;
-#pragma unroll 4
-    for (int j = lane * 8; j < I; j += 256) {
-      acc += dot8f(*reinterpret_cast<const uint4*>(wr + j), *reinterpret_cast<const float4*>(a + j),
-                   *reinterpret_cast<const float4*>(a + j + 4));
-    }
+    const float acc = row_dot(w_d + (e * H + c) * (i64)I, act + (i64)pair * I, I, lane);
     total += slot_weight(mix, ids, t, s, W, E, ld, gather, renorm, scale) * acc;
+  }
+  if (Is > 0) {
+    const float acc = row_dot(s_d + (i64)c * Is, act_s + (i64)t * Is, Is, lane);
+    total += (g != 0 ? g[t] : 1.f) * acc;
   }
   total = warp_sum(total);
   if (lane == 0) out[(i64)t * H + c] = to_bf16(total);

@@ -5,17 +5,7 @@
 // contiguous. Pair j of a row is (x[2j], x[2j+1]) when interleaved (DeepSeek), (x[j], x[j + D/2])
 // otherwise; it becomes (x0 cos - x1 sin, x0 sin + x1 cos), in f32, rounded to bf16 once.
 
-typedef unsigned short bf16;
-typedef long long i64;
-
-__device__ __forceinline__ float from_bf16(bf16 v) { return __uint_as_float(((unsigned)v) << 16); }
-
-__device__ __forceinline__ bf16 to_bf16(float f) {
-  unsigned u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)0x7fc0;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (bf16)(u >> 16);
-}
+// Shared helpers (bf16 words) are in common.cuh, prepended at compile time.
 
 extern "C" __global__ void rotary_bf16(const bf16* __restrict__ x, const float* __restrict__ cos_t,
                                        const float* __restrict__ sin_t, bf16* __restrict__ out, int Hh, int T,
@@ -32,8 +22,8 @@ extern "C" __global__ void rotary_bf16(const bf16* __restrict__ x, const float* 
   const int i0 = interleaved ? 2 * j : j;
   const int i1 = interleaved ? 2 * j + 1 : j + half;
   const bf16* xr = x + b * s0 + h * s1 + t * s2;
-  const float x0 = from_bf16(xr[i0 * s3]);
-  const float x1 = from_bf16(xr[i1 * s3]);
+  const float x0 = bf(xr[i0 * s3]);
+  const float x1 = bf(xr[i1 * s3]);
   const i64 cs = ((i64)b * T + t) * half + j;
   const float c = cos_t[cs], s = sin_t[cs];
   bf16* o = out + (((i64)b * Hh + h) * T + t) * D;

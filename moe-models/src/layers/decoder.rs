@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use super::attention::StepPlan;
+use super::attention::{AttnMask, StepPlan};
 use super::mlp::Mlp;
 use super::moe::{MoeBlock, TokenInfo};
 use super::rotary::{RopeSpec, Rotary};
@@ -42,6 +42,13 @@ impl Step<'_> {
             (Some(w), true) => w,
             _ => &self.plan.bias,
         }
+    }
+
+    /// The attention mask of a layer: [`Step::bias`], plain causal when the plan is and no window
+    /// applies to the layer.
+    pub fn mask(&self, sliding: bool) -> AttnMask<'_> {
+        let windowed = sliding && self.window_bias.is_some();
+        AttnMask { bias: self.bias(sliding), causal: self.plan.plain_causal && !windowed }
     }
 }
 

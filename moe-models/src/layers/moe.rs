@@ -16,7 +16,7 @@ use alloc_token::device::DeviceBatch;
 use tch::{Device, Kind, Tensor};
 
 use super::mlp::Mlp;
-use crate::kernels::MixWeights;
+use crate::kernels::{MixWeights, MoeCall, Routing, SharedExpert};
 use super::Linear;
 use crate::ctx::{Dispatch, ForwardCtx, LayerRoute, Renormalize};
 use crate::error::{Error, Result, TorchContext};
@@ -81,16 +81,23 @@ impl Experts {
     pub fn forward(&self, x: &Tensor, ids: &Tensor, weights: &Tensor, dispatch: Dispatch) -> Result<Tensor> {
         // On CUDA, `_grouped_mm` is the bf16 kernel; other dtypes take the per-expert path there.
         let dispatch = match dispatch {
-            Dispatch::Auto if crate::kernels::fused_moe_available(x, ids, &self.gate_up_proj) => Dispatch::Fused,
+            Dispatch::Auto if crate::kernels::fused_moe_available(x, ids.numel() as i64, &self.gate_up_proj) => Dispatch::Fused,
             Dispatch::Auto if x.device().is_cuda() && x.kind() == Kind::BFloat16 => Dispatch::Grouped,
             Dispatch::Auto => Dispatch::PerExpert,
             d => d,
         };
         match dispatch {
             Dispatch::PerExpert => self.forward_per_expert(x, ids, weights),
-            Dispatch::Fused => crate::kernels::fused_moe(x, ids, MixWeights::Given(weights), &self.gate_up_proj, &self.down_proj),
+            Dispatch::Fused => self.forward_fused(x, Routing::Chosen { ids, mix: MixWeights::Given(weights) }, None),
             _ => self.forward_grouped(x, ids, weights),
         }
+    }
+
+    /// The fused decode kernels ([`crate::kernels::fused_moe`]) over these experts, with `routing` and
+    /// optionally a shared expert added in the same kernels.
+    pub fn forward_fused(&self, x: &Tensor, routing: Routing<'_>, shared: Option<SharedExpert<'_>>) -> Result<Tensor> {
+        let call = MoeCall { x, routing, gate_up: &self.gate_up_proj, down: &self.down_proj, shared };
+        crate::kernels::fused_moe(&call)
     }
 
     fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
@@ -283,11 +290,60 @@ impl MoeBlock {
         }
     }
 
+    /// `out` plus the shared expert (sigmoid-gated where the family gates it), with libtorch ops.
+    fn add_shared(&self, layer: usize, xf: &Tensor, out: Tensor) -> Result<Tensor> {
+        let Some(shared) = &self.shared_experts else { return Ok(out) };
+        let mut s = shared.forward(xf).ctx(format!("layers.{layer}.mlp.shared_experts"))?;
+        if let Some(g) = &self.shared_expert_gate {
+            s = s.f_mul(&g.forward(xf)?.f_sigmoid()?)?;
+        }
+        Ok(out.f_add(&s)?)
+    }
+
+    /// After a fused call: [`Self::add_shared`] if the kernels could not take the shared expert.
+    fn add_unfused_shared(&self, layer: usize, xf: &Tensor, out: Tensor) -> Result<Tensor> {
+        if self.shared().is_some() { Ok(out) } else { self.add_shared(layer, xf, out) }
+    }
+
+    /// The shared expert as the fused kernels take it: bias-free projections of a width that is a
+    /// multiple of 8, in bf16 (`None` without one, or when the kernels cannot take it).
+    fn shared(&self) -> Option<SharedExpert<'_>> {
+        let s = self.shared_experts.as_ref()?;
+        let w = &s.gate_proj.weight;
+        let no_bias = s.gate_proj.bias.is_none() && s.up_proj.bias.is_none() && s.down_proj.bias.is_none()
+            && w.size()[0] % 8 == 0 && w.kind() == Kind::BFloat16;
+        let gate_logit = match &self.shared_expert_gate {
+            Some(g) if g.bias.is_some() => return None,
+            Some(g) => Some(&g.weight),
+            None => None,
+        };
+        no_bias.then_some(SharedExpert { gate: &s.gate_proj.weight, up: &s.up_proj.weight, down: &s.down_proj.weight, gate_logit })
+    }
+
     /// Route and mix `x` `(b, t, h)` at model layer `layer`; returns `(b, t, h)`.
     pub fn forward(&self, layer: usize, x: &Tensor, tokens: &TokenInfo, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
         let size = x.size();
         let h = size[size.len() - 1];
         let xf = x.f_reshape([-1, h])?; // (n, h)
+        let n = xf.size()[0];
+        let may_fuse = !matches!(ctx.dispatch, Dispatch::Grouped | Dispatch::PerExpert);
+        // Plain top-k at decode sizes: the router's top-k runs inside the fused kernels too (no probs or
+        // ids tensors; nothing to trace). Greedy routing and no padding only.
+        let in_kernel_k = ctx.policy.fixed_top_k(layer).map(|k| k as i64).filter(|&k| {
+            may_fuse
+                && ctx.trace.is_none()
+                && tokens.mask.is_none()
+                && self.topk_method == TopkMethod::Greedy
+                && k >= 1
+                && k <= self.experts.num_experts.min(crate::kernels::FUSED_MOE_MAX_EXPERTS)
+                && crate::kernels::fused_moe_available(&xf, n * k, &self.experts.gate_up_proj)
+        });
+        let m = self.mixing.get(ctx.renormalize);
+        if let Some(k) = in_kernel_k {
+            let routing = Routing::TopK { router: &self.gate, k, renormalize: m.renormalize, scale: m.scale };
+            let out = self.experts.forward_fused(&xf, routing, self.shared()).ctx(format!("layers.{layer}.mlp (fused top-k)"))?;
+            return self.add_unfused_shared(layer, &xf, out)?.f_reshape(&size).ctx("moe");
+        }
         let probs = {
             let _span = tracing::trace_span!("moe.route", layer).entered();
             self.router_probs(&xf).ctx(format!("layers.{layer}.mlp.gate"))?
@@ -296,26 +352,19 @@ impl MoeBlock {
         let ids = ctx.policy.select(layer, &batch).map_err(|source| Error::Policy { layer, source })?; // (n, w)
         let fused = match ctx.dispatch {
             Dispatch::Fused => true,
-            Dispatch::Auto => crate::kernels::fused_moe_available(&xf, &ids, &self.experts.gate_up_proj),
+            Dispatch::Auto => crate::kernels::fused_moe_available(&xf, ids.numel() as i64, &self.experts.gate_up_proj),
             _ => false,
         };
-        let mut out = if fused {
-            // The kernel makes the mixing weights from the probabilities itself (no extra launches).
-            let m = self.mixing.get(ctx.renormalize);
+        let out = if fused {
+            // The kernels make the mixing weights from the probabilities and add the shared expert.
             let mix = MixWeights::Router { probs: &probs, renormalize: m.renormalize, scale: m.scale };
-            crate::kernels::fused_moe(&xf, &ids, mix, &self.experts.gate_up_proj, &self.experts.down_proj)
+            let out = self.experts.forward_fused(&xf, Routing::Chosen { ids: &ids, mix }, self.shared()).ctx(format!("layers.{layer}.mlp (fused)"))?;
+            self.add_unfused_shared(layer, &xf, out)?
         } else {
             let weights = mixing_weights(&probs, &ids, ctx.renormalize, &self.mixing).ctx(format!("layers.{layer}.mlp.mixing"))?;
-            self.experts.forward(&xf, &ids, &weights, ctx.dispatch)
-        }
-        .ctx(format!("layers.{layer}.mlp.experts"))?;
-        if let Some(shared) = &self.shared_experts {
-            let mut s = shared.forward(&xf).ctx(format!("layers.{layer}.mlp.shared_experts"))?;
-            if let Some(g) = &self.shared_expert_gate {
-                s = s.f_mul(&g.forward(&xf)?.f_sigmoid()?)?;
-            }
-            out = out.f_add(&s)?;
-        }
+            let out = self.experts.forward(&xf, &ids, &weights, ctx.dispatch).ctx(format!("layers.{layer}.mlp.experts"))?;
+            self.add_shared(layer, &xf, out)?
+        };
         if let Some(trace) = ctx.trace.as_deref_mut() {
             trace.layers.push(LayerRoute { layer, probs, ids, mask: tokens.mask.as_ref().map(|m| m.shallow_clone()) });
         }
