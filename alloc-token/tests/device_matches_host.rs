@@ -40,6 +40,9 @@ fn both<P: RoutingPolicy + DevicePolicy>(p: &P, layer: usize, c: &Case) -> (Opti
     let batch = DeviceBatch { probs: &t.probs, mask: t.mask.as_ref(), seq_ids: t.seq.as_ref() };
     let dev = DevicePolicy::select(p, layer, &batch).ok().map(|ids| {
         assert_eq!(ids.size(), [c.tokens as i64, DevicePolicy::max_k(p, layer) as i64]);
+        let chosen = ids.ge(0).sum(tch::Kind::Int64).int64_value(&[]) as usize;
+        let bound = DevicePolicy::max_pairs(p, layer, c.tokens);
+        assert!(chosen <= bound, "{} chose {chosen} pairs, above its max_pairs bound {bound}", DevicePolicy::name(p));
         Vec::<i64>::try_from(&ids.reshape([-1])).unwrap()
     });
     (host, dev)

@@ -31,7 +31,7 @@ fn main() {
             let mut t: Vec<f64> = (0..15)
                 .map(|_| {
                     let s = Instant::now();
-                    let _ = experts.forward(&x, &ids, &w, d).expect("forward");
+                    let _ = experts.forward(&x, &ids, &w, d, None).expect("forward");
                     s.elapsed().as_secs_f64() * 1e3
                 })
                 .collect();

@@ -153,6 +153,17 @@ impl Model {
         }
     }
 
+    /// The MoE blocks with their model layer indices, in layer order (to measure or inspect one layer).
+    pub fn moe_blocks(&self) -> Vec<(usize, &crate::layers::moe::MoeBlock)> {
+        match self {
+            Model::DeepseekV2(m) => m.decoder.moe_blocks(),
+            Model::Qwen2Moe(m) => m.decoder.moe_blocks(),
+            Model::Mixtral(m) => m.decoder.moe_blocks(),
+            Model::Olmoe(m) => m.decoder.moe_blocks(),
+            Model::Qwen3Moe(m) => m.decoder.moe_blocks(),
+        }
+    }
+
     /// Logits `(.., v)` in the model dtype for hidden states `(.., h)`. Keep the rows few (see
     /// [`crate::nll::token_nll`]): a long sequence's full-vocabulary logits are large.
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {

@@ -87,6 +87,17 @@ impl DevicePolicy for AllocT {
         self.cap
     }
 
+    /// Batch scope: `round(K_l * tokens)` (the pairs of `v <= tokens` valid tokens, `round(K_l * v)`,
+    /// grow with `v`; `floor <= K_l <= cap` keeps the floors and caps inside it). Per-sequence scope
+    /// rounds each sequence separately, so it keeps the default (every slot).
+    fn max_pairs(&self, layer: usize, tokens: usize) -> usize {
+        let all = tokens.saturating_mul(self.cap);
+        match (self.scope, self.layer_budget(layer, self.cap)) {
+            (Scope::Batch, Ok(k_avg)) => (crate::pairs_for(k_avg, tokens as u64) as usize).min(all),
+            _ => all,
+        }
+    }
+
     fn select(&self, layer: usize, batch: &DeviceBatch<'_>) -> DeviceResult<Tensor> {
         let (t, e) = batch.shape()?;
         let k_avg = self.layer_budget(layer, e as usize)?;

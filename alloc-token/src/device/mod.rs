@@ -116,6 +116,13 @@ pub trait DevicePolicy: Send + Sync {
     fn fixed_top_k(&self, _layer: usize) -> Option<usize> {
         None
     }
+    /// An upper bound, known on the host, on the chosen (token, expert) pairs (ids `>= 0`) that
+    /// [`Self::select`] returns at `layer` for a batch of `tokens` rows: a model may size its expert work
+    /// to it instead of to every slot. It must hold for every batch (padding and scope included).
+    /// Default: every slot, `tokens * max_k(layer)`.
+    fn max_pairs(&self, layer: usize, tokens: usize) -> usize {
+        tokens.saturating_mul(self.max_k(layer))
+    }
 }
 
 /// Sort each row by decreasing probability, ties to the lower expert index (a stable sort keeps the

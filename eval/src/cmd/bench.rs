@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use alloc_core::LayerAllocation;
 use alloc_token::device::{DevicePolicy, DeviceTopK};
-use alloc_token::PerLayerTopK;
+use alloc_token::{AllocT, PerLayerTopK};
 use anyhow::{bail, Context, Result};
 use moe_models::tch::{self, Kind, Tensor};
 use moe_models::{ForwardCtx, GraphDecoder, KvCache, Model};
@@ -63,7 +63,13 @@ pub struct Args {
     /// bf16), grouped, fused, per-expert.
     #[arg(long, default_value = "auto")]
     pub dispatch: moe_models::Dispatch,
-    /// Skip prefill or decode: both, prefill, decode.
+    /// Also measure Alloc-T at each uniform budget (`K_l` = k in every layer, floor 1, cap the native k):
+    /// the same activations as top-k, redistributed across the batch's tokens.
+    #[arg(long)]
+    pub alloc_t: bool,
+    /// What to measure, comma-separated: prefill, decode, routing (the policy's cost inside one MoE
+    /// layer on `batch x len` tokens, and whether that layer captures into a CUDA graph, i.e. has no
+    /// host synchronisation); `both` = prefill,decode.
     #[arg(long, default_value = "both")]
     pub phases: String,
     /// Write the rows and provenance here (JSON, atomically).
@@ -105,7 +111,7 @@ fn time_prefill(model: &Model, ctx: &mut ForwardCtx<'_>, ids: &Tensor, repeats: 
 
 /// Median ms per step of `steps`-step runs through a captured decode graph (one decoder, one capture;
 /// the preallocated cache holds the prompt and every step).
-fn decode_graph(model: &Model, ctx: &mut ForwardCtx<'_>, prompt: &Tensor, steps: usize, repeats: usize) -> Result<f64> {
+pub(crate) fn decode_graph(model: &Model, ctx: &mut ForwardCtx<'_>, prompt: &Tensor, steps: usize, repeats: usize) -> Result<f64> {
     let device = model.info().device;
     let capacity = prompt.size()[1] as usize + steps * (repeats + 1) + 1;
     let mut dec = GraphDecoder::new(model, prompt, capacity, ctx)?;
@@ -175,6 +181,9 @@ fn budgets(args: &Args, model: &Model) -> Result<Vec<Budget>> {
             bail!("--ks: k = {k} is outside 1..={} (the layer's expert count)", info.n_routed_experts);
         }
         out.push((format!("top-{k}"), Box::new(DeviceTopK { k }), k * layers));
+        if args.alloc_t {
+            out.push((format!("alloc-t (K_l = {k})"), Box::new(AllocT::new(k as f64, info.native_k)), k * layers));
+        }
     }
     if let Some(path) = &args.allocation {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -205,12 +214,16 @@ pub fn run(args: Args) -> Result<()> {
     let info = model.info().clone();
     let vocab = info.vocab_size as i64;
     let repeats = args.repeats.max(1);
-    let (do_prefill, do_decode) = match args.phases.as_str() {
-        "both" => (true, true),
-        "prefill" => (true, false),
-        "decode" => (false, true),
-        p => bail!("--phases `{p}`: both, prefill or decode"),
-    };
+    let (mut do_prefill, mut do_decode, mut do_routing) = (false, false, false);
+    for p in args.phases.split(',').map(str::trim) {
+        match p {
+            "both" => (do_prefill, do_decode) = (true, true),
+            "prefill" => do_prefill = true,
+            "decode" => do_decode = true,
+            "routing" => do_routing = true,
+            p => bail!("--phases `{p}`: a comma-separated list of prefill, decode, routing (or both)"),
+        }
+    }
     let graph = match args.graph.as_str() {
         "auto" => device.is_cuda() && cuda_graph::compiled(),
         "on" => true,
@@ -222,8 +235,13 @@ pub fn run(args: Args) -> Result<()> {
     }
     let ids = Tensor::f_randint(vocab, [args.batch, args.len], (Kind::Int64, device))?;
     let prompt = Tensor::f_randint(vocab, [args.decode_batch, args.context], (Kind::Int64, device))?;
+    let budgets = budgets(&args, &model)?;
     let mut rows = Vec::new();
-    for (label, policy, activations) in budgets(&args, &model)? {
+    for (label, policy, activations) in &budgets {
+        let (label, activations) = (label.clone(), *activations);
+        if !(do_prefill || do_decode) {
+            break;
+        }
         let mut ctx = ForwardCtx::new(policy.as_ref()).with_renormalize(args.run.renormalize).with_dispatch(args.dispatch);
         let prefill_ms = if do_prefill { Some(time_prefill(&model, &mut ctx, &ids, repeats)?) } else { None };
         let decode_ms = match (do_decode, graph) {
@@ -241,7 +259,18 @@ pub fn run(args: Args) -> Result<()> {
             decode_tokens_per_s: decode_ms.map(|ms| args.decode_batch as f64 * 1e3 / ms),
         });
     }
-    print_table(&info.model_type, &rows);
+    if do_prefill || do_decode {
+        print_table(&info.model_type, &rows);
+    }
+    let routing = if do_routing {
+        let list: Vec<(String, &dyn DevicePolicy)> = budgets.iter().map(|(l, p, _)| (l.clone(), p.as_ref())).collect();
+        let tokens = args.batch * args.len;
+        let r = super::routing_cost::measure(&model, &list, tokens, repeats, args.run.renormalize)?;
+        super::routing_cost::print_table(&format!("{}, first MoE layer, {tokens} tokens", info.model_type), &r);
+        Some(r)
+    } else {
+        None
+    };
     if let Some(out) = &args.out {
         let record = serde_json::json!({
             "schema_version": 1,
@@ -254,6 +283,7 @@ pub fn run(args: Args) -> Result<()> {
             "dispatch": format!("{:?}", args.dispatch),
             "repeats": repeats,
             "rows": rows,
+            "routing": routing,
         });
         let mut text = serde_json::to_string_pretty(&record)?;
         text.push('\n');

@@ -6,5 +6,6 @@ pub mod logits;
 pub mod plot;
 pub mod profile;
 pub mod route;
+pub mod routing_cost;
 pub mod solve;
 pub mod sweep;

@@ -51,14 +51,16 @@ fn compiled<'a>(
 static MOE: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
 static ROTARY: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
 static MLA: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
+static COMBINE: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
 
 const MOE_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("moe_decode.cu"));
 const ROTARY_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("rotary.cu"));
 const MLA_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("mla_decode.cu"));
+const COMBINE_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("moe_combine.cu"));
 
 /// Every run-time compiled source as `(file name, source)`, as NVRTC gets it (for compile checks).
-pub fn sources() -> [(&'static str, &'static str); 3] {
-    [("moe_decode.cu", MOE_SOURCE), ("rotary.cu", ROTARY_SOURCE), ("mla_decode.cu", MLA_SOURCE)]
+pub fn sources() -> [(&'static str, &'static str); 4] {
+    [("moe_decode.cu", MOE_SOURCE), ("rotary.cu", ROTARY_SOURCE), ("mla_decode.cu", MLA_SOURCE), ("moe_combine.cu", COMBINE_SOURCE)]
 }
 
 /// `[moe_router, moe_gate_up, moe_down]`.
@@ -318,6 +320,36 @@ pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Resu
     Ok(Some(out))
 }
 
+/// The weighted per-token sum of the grouped path's expert outputs in one kernel (`moe_combine.cu`):
+/// `out[t] = sum_s weights[t, s] * y[row[t, s]]` over chosen slots (`ids >= 0`, `row >= 0`), f32
+/// accumulation in slot order, `(n, h)` bf16. `y` `(m, h)` bf16, `ids` / `row` `(n, w)` i64, `weights`
+/// `(n, w)` f32, all on one CUDA device. `None` when it does not apply (not CUDA bf16, `h % 8 != 0`, or
+/// the kernel did not compile): the caller uses libtorch.
+pub fn moe_combine(y: &Tensor, ids: &Tensor, row: &Tensor, weights: &Tensor) -> Result<Option<Tensor>> {
+    let device = y.device();
+    let (ys, is) = (y.size(), ids.size());
+    if !device.is_cuda() || y.kind() != Kind::BFloat16 || ys.len() != 2 || is.len() != 2 || ys[1] % 8 != 0 {
+        return Ok(None);
+    }
+    let (m, h, n, w) = (ys[0], ys[1], is[0], is[1]);
+    for (name, t, kind) in [("ids", ids, Kind::Int64), ("rows", row, Kind::Int64), ("weights", weights, Kind::Float)] {
+        if t.size() != [n, w] || t.kind() != kind || t.device() != device {
+            return Err(Error::Input(format!("MoE combine: {name} must be {kind:?} [{n}, {w}] on {device:?}, got {:?} {:?}", t.kind(), t.size())));
+        }
+    }
+    if n == 0 || m == 0 {
+        return Ok(Some(Tensor::f_zeros([n, h], (Kind::BFloat16, device))?));
+    }
+    let Ok(k) = compiled(&COMBINE, device, "moe_combine.cu", COMBINE_SOURCE, &["moe_combine"]) else {
+        return Ok(None);
+    };
+    let (y, ids, row, weights) = (y.contiguous(), ids.contiguous(), row.contiguous(), weights.contiguous());
+    let out = Tensor::f_empty([n, h], (Kind::BFloat16, device))?;
+    let args = [Arg::Tensor(&y), Arg::Tensor(&ids), Arg::Tensor(&row), Arg::Tensor(&weights), Arg::Tensor(&out), Arg::I32(h as i32), Arg::I32(w as i32), Arg::I64(m)];
+    launch(k[0], [((h / 8) as u32).div_ceil(256), n as u32, 1], [256, 1, 1], &args)?;
+    Ok(Some(out))
+}
+
 /// Inputs of [`mla_decode`]: DeepSeek-V2's absorbed multi-head latent attention for a few query tokens.
 #[derive(Debug, Clone, Copy)]
 pub struct MlaDecode<'a> {
@@ -402,11 +434,11 @@ fn launch(f: Function, grid: [u32; 3], block: [u32; 3], args: &[Arg<'_>]) -> Res
 
 #[allow(unsafe_code)]
 fn launch_shared(f: Function, grid: [u32; 3], block: [u32; 3], shared: u32, args: &[Arg<'_>]) -> Result<()> {
-    // SAFETY: the callers (`fused_moe`, `rotary`, `mla_decode`) checked that every tensor is on the kernel's device, of
+    // SAFETY: the callers (`fused_moe`, `rotary`, `mla_decode`, `moe_combine`) checked that every tensor is on the kernel's device, of
     // the dtype, shape and strides the kernel indexes with (the size arguments passed); `fused_moe`'s ids
     // outside 0..E are skipped by the kernels, and its null pointers are only for tensors the size and
     // mode arguments say are absent; the grids cover exactly the rows, pairs or elements those shapes
-    // give, and the kernels bound-check the rest.
+    // give, and the kernels bound-check the rest (`moe_combine` skips rows outside `y`).
     // `mla_decode`'s dynamic shared memory is sized from the same sizes.
     unsafe { f.launch(grid, block, shared, args) }.map_err(Error::from)
 }
@@ -462,8 +494,8 @@ mod tests {
             let ids = Tensor::from_slice(&ids).reshape([n, w]).to_device(dev);
             let mix = Tensor::rand([n, w], (Kind::Float, dev));
             let x = Tensor::randn([n, h], (Kind::Float, dev)).to_kind(Kind::BFloat16);
-            let a = ex.forward(&x, &ids, &mix, Dispatch::Fused).expect("fused").to_kind(Kind::Float);
-            let b = ex.forward(&x, &ids, &mix, Dispatch::Grouped).expect("grouped").to_kind(Kind::Float);
+            let a = ex.forward(&x, &ids, &mix, Dispatch::Fused, None).expect("fused").to_kind(Kind::Float);
+            let b = ex.forward(&x, &ids, &mix, Dispatch::Grouped, None).expect("grouped").to_kind(Kind::Float);
             let err = (&a - &b).abs().max().double_value(&[]);
             let scale = b.abs().max().double_value(&[]);
             eprintln!("n = {n}: max |fused - grouped| = {err:.3e} (max |grouped| = {scale:.3e})");
@@ -474,7 +506,7 @@ mod tests {
                 let m = crate::layers::moe::Mixing { renormalize, scale: s };
                 let table = crate::layers::moe::MixingTable { native: m, always: m, never: m };
                 let wts = crate::layers::moe::mixing_weights(&probs, &ids, crate::ctx::Renormalize::Native, &table).expect("w");
-                let want = ex.forward(&x, &ids, &wts, Dispatch::Grouped).expect("grouped").to_kind(Kind::Float);
+                let want = ex.forward(&x, &ids, &wts, Dispatch::Grouped, None).expect("grouped").to_kind(Kind::Float);
                 let mix = MixWeights::Router { probs: &probs, renormalize, scale: s };
                 let got = ex
                     .forward_fused(&x, Routing::Chosen { ids: &ids, mix }, None)
@@ -551,7 +583,7 @@ mod tests {
         let s = SharedExpert { gate: &shared.gate_proj.weight, up: &shared.up_proj.weight, down: &shared.down_proj.weight, gate_logit: Some(&gate.weight) };
         let got = block.experts.forward_fused(&x, Routing::Chosen { ids: &ids, mix }, Some(s)).expect("fused").to_kind(Kind::Float);
         let w = crate::layers::moe::mixing_weights(&probs, &ids, crate::ctx::Renormalize::Native, &block.mixing).expect("w");
-        let routed = block.experts.forward(&x, &ids, &w, Dispatch::Grouped).expect("grouped");
+        let routed = block.experts.forward(&x, &ids, &w, Dispatch::Grouped, None).expect("grouped");
         let sh = shared.forward(&x).expect("shared") * gate.forward(&x).expect("gate").sigmoid();
         let want = (routed + sh).to_kind(Kind::Float);
         let err = (&got - &want).abs().max().double_value(&[]);
@@ -613,5 +645,42 @@ mod tests {
         let mag = want.abs().max().double_value(&[]);
         eprintln!("mla_decode: max |kernel - libtorch| = {err:.3e} (of {mag:.3e})");
         assert!(err <= 0.03 * mag + 1e-3, "{err} vs {mag}");
+    }
+
+    /// On a GPU: the grouped path for many tokens (grouped GEMMs, then the combine kernel) equals the
+    /// per-expert path in f32 on the CPU, with Alloc-T-like prefix selections (some slots empty, one
+    /// token with none) and the chosen pairs' exact count as the bound.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn grouped_combine_matches_the_cpu_reference() {
+        let dev = Device::Cuda(0);
+        tch::manual_seed(11);
+        let (e, h, i, n, w) = (16i64, 256i64, 136i64, 300i64, 6i64);
+        let ex = Experts {
+            gate_up_proj: (Tensor::randn([e, 2 * i, h], (Kind::Float, dev)) * 0.05).to_kind(Kind::BFloat16),
+            down_proj: (Tensor::randn([e, h, i], (Kind::Float, dev)) * 0.05).to_kind(Kind::BFloat16),
+            num_experts: e,
+        };
+        let x = Tensor::randn([n, h], (Kind::Float, dev)).to_kind(Kind::BFloat16);
+        // Distinct experts per token (a random permutation's prefix), count 0..=w per token.
+        let perm = Tensor::rand([n, e], (Kind::Float, dev)).argsort(-1, false).narrow(1, 0, w);
+        let counts = Tensor::randint(w + 1, [n, 1], (Kind::Int64, dev));
+        let slot = Tensor::arange(w, (Kind::Int64, dev)).unsqueeze(0);
+        let ids = perm.where_self(&slot.lt_tensor(&counts), &Tensor::full([1], -1, (Kind::Int64, dev)));
+        let mix = Tensor::rand([n, w], (Kind::Float, dev));
+        let chosen = ids.ge(0).sum(Kind::Int64).int64_value(&[]) as usize;
+        let got = ex.forward(&x, &ids, &mix, Dispatch::Grouped, Some(chosen)).expect("grouped").to_kind(Kind::Float).to_device(Device::Cpu);
+        let cpu = Experts {
+            gate_up_proj: ex.gate_up_proj.to_kind(Kind::Float).to_device(Device::Cpu),
+            down_proj: ex.down_proj.to_kind(Kind::Float).to_device(Device::Cpu),
+            num_experts: e,
+        };
+        let want = cpu
+            .forward(&x.to_kind(Kind::Float).to_device(Device::Cpu), &ids.to_device(Device::Cpu), &mix.to_device(Device::Cpu), Dispatch::PerExpert, None)
+            .expect("cpu");
+        let err = (&got - &want).abs().max().double_value(&[]);
+        let mag = want.abs().max().double_value(&[]);
+        eprintln!("grouped + combine ({chosen} of {} pairs): max |gpu - cpu f32| = {err:.3e} (of {mag:.3e})", n * w);
+        assert!(err <= 0.02 * mag + 1e-3, "{err} vs {mag}");
     }
 }

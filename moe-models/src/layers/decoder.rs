@@ -204,6 +204,17 @@ impl<A: SelfAttention> Decoder<A> {
         Ok(Self { embed_tokens, layers, norm, lm_head, rotary, sliding_window: spec.sliding_window, info })
     }
 
+    /// The MoE blocks with their model layer indices, in layer order.
+    pub fn moe_blocks(&self) -> Vec<(usize, &MoeBlock)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            if let Ffn::Moe(m) = &l.mlp {
+                out.push((i, m));
+            }
+        }
+        out
+    }
+
     /// Final-norm hidden states `(b, t, h)` for `(b, t)` ids; see [`crate::Model::forward_hidden`].
     pub fn forward_hidden(&self, ids: &Tensor, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();

@@ -77,8 +77,10 @@ impl Experts {
     }
 
     /// Mix the chosen experts: `x` `(n, h)`, `ids` `(n, w)` i64 (`-1` = none), `weights` `(n, w)` f32.
+    /// `max_pairs`, when given, must bound the chosen pairs (ids `>= 0`; see
+    /// `DevicePolicy::max_pairs`): the grouped path then sizes its work to it instead of to `n * w`.
     /// Returns `(n, h)` in `x`'s dtype.
-    pub fn forward(&self, x: &Tensor, ids: &Tensor, weights: &Tensor, dispatch: Dispatch) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, ids: &Tensor, weights: &Tensor, dispatch: Dispatch, max_pairs: Option<usize>) -> Result<Tensor> {
         // On CUDA, `_grouped_mm` is the bf16 kernel; other dtypes take the per-expert path there.
         let dispatch = match dispatch {
             Dispatch::Auto if crate::kernels::fused_moe_available(x, ids.numel() as i64, &self.gate_up_proj) => Dispatch::Fused,
@@ -89,7 +91,7 @@ impl Experts {
         match dispatch {
             Dispatch::PerExpert => self.forward_per_expert(x, ids, weights),
             Dispatch::Fused => self.forward_fused(x, Routing::Chosen { ids, mix: MixWeights::Given(weights) }, None),
-            _ => self.forward_grouped(x, ids, weights),
+            _ => self.forward_grouped(x, ids, weights, max_pairs),
         }
     }
 
@@ -106,7 +108,7 @@ impl Experts {
         Ok(g.f_mul(&gate_up.f_narrow(1, half, half)?)?)
     }
 
-    fn forward_grouped(&self, x: &Tensor, ids: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    fn forward_grouped(&self, x: &Tensor, ids: &Tensor, weights: &Tensor, max_pairs: Option<usize>) -> Result<Tensor> {
         let _span = tracing::trace_span!("moe.experts", path = "grouped").entered();
         let (n, h) = (x.size()[0], x.size()[1]);
         let w = ids.size()[1];
@@ -115,25 +117,53 @@ impl Experts {
         // Few kernels on purpose: at batch-1 decode this block runs once per MoE layer per token, and
         // every kernel launch costs about as much as the small ones themselves.
         // "No expert" (-1) becomes group e (-1 mod (e + 1) = e), past the last offset: the sort puts it
-        // at the tail, where grouped_mm does not compute.
-        let keyed = ids.f_reshape([-1])?.f_remainder(e + 1)?; // (m)
-        let (sorted, perm) = keyed.f_sort_stable(true, 0, false)?; // (m)
+        // at the tail, where grouped_mm does not compute. The chosen pairs come first, so with a bound
+        // on their number only that prefix is gathered and computed.
+        let all = n * w;
+        let m = max_pairs.map_or(all, |b| (b as i64).min(all));
+        let keyed = ids.f_reshape([-1])?.f_remainder(e + 1)?; // (all)
+        let (sorted, perm) = keyed.f_sort_stable(true, 0, false)?; // (all)
+        let (sorted, perm) = (sorted.f_narrow(0, 0, m)?, perm.f_narrow(0, 0, m)?); // (m)
+        if m == 0 {
+            return Ok(Tensor::f_zeros([n, h], (x.kind(), dev))?);
+        }
         let token = perm.f_floor_divide_scalar(w)?; // (m)
-        let unused = sorted.f_ge(e)?.f_unsqueeze(1)?; // (m, 1): rows past the last offset (uninitialised)
         // Group ends: how many sorted keys are <= j, for j in 0..e.
         let groups = Tensor::f_arange(e, (Kind::Int64, dev))?;
         let offs = groups.f_searchsorted(&sorted, true, true, "right", None::<&Tensor>)?; // (e) int32
         let xg = x.f_index_select(0, &token)?; // (m, h)
         let gu = xg.f_internal_grouped_mm(&self.gate_up_proj.f_transpose(1, 2)?, Some(&offs), None::<&Tensor>, None)?;
+        if x.device().is_cuda() && x.kind() == Kind::BFloat16 && h % 8 == 0 {
+            // Rows past the last offset are uninitialised in gu, act and y, but no chosen pair points
+            // at them: the combine kernel reads only chosen pairs' rows, so no masking is needed.
+            let act = Self::swiglu(&gu)?; // (m, i)
+            let y = act.f_internal_grouped_mm(&self.down_proj.f_transpose(1, 2)?, Some(&offs), None::<&Tensor>, None)?; // (m, h)
+            let rows = Tensor::f_arange(m, (Kind::Int64, dev))?;
+            let row = Tensor::f_full([all], -1, (Kind::Int64, dev))?.f_index_copy(0, &perm, &rows)?.f_reshape([n, w])?;
+            if let Some(out) = crate::kernels::moe_combine(&y, ids, &row, &weights.f_to_kind(Kind::Float)?)? {
+                return Ok(out);
+            }
+            return self.combine_libtorch(&y, &sorted, &perm, weights, n, w, x.kind());
+        }
+        let unused = sorted.f_ge(e)?.f_unsqueeze(1)?; // (m, 1): rows past the last offset (uninitialised)
         let act = Self::swiglu(&gu.f_masked_fill(&unused, 0.0)?)?; // (m, i)
         let y = act.f_internal_grouped_mm(&self.down_proj.f_transpose(1, 2)?, Some(&offs), None::<&Tensor>, None)?;
-        let wg = weights.f_reshape([-1])?.f_index_select(0, &perm)?.f_unsqueeze(1)?; // (m, 1) f32
+        self.combine_libtorch(&y, &sorted, &perm, weights, n, w, x.kind())
+    }
+
+    /// The grouped path's last step with libtorch ops: weight the rows of `y` `(m, h)` (pairs in sorted
+    /// order `perm`, rows past the last chosen pair zeroed) and sum each token's slots, in f32.
+    #[allow(clippy::too_many_arguments)]
+    fn combine_libtorch(&self, y: &Tensor, sorted: &Tensor, perm: &Tensor, weights: &Tensor, n: i64, w: i64, kind: Kind) -> Result<Tensor> {
+        let h = y.size()[1];
+        let unused = sorted.f_ge(self.num_experts)?.f_unsqueeze(1)?; // (m, 1)
+        let wg = weights.f_reshape([-1])?.f_index_select(0, perm)?.f_unsqueeze(1)?; // (m, 1) f32
         let y = y.f_masked_fill(&unused, 0.0)?.f_mul(&wg)?; // (m, h) f32 (type promotion)
         // Back to (token, slot) order and sum the slots: deterministic, and no `index_add`, which is
         // pathologically slow on the CPU (~30 ms for one row on this machine's libtorch).
-        let by_slot = Tensor::f_zeros_like(&y)?.f_index_copy(0, &perm, &y)?;
+        let by_slot = Tensor::f_zeros([n * w, h], (y.kind(), y.device()))?.f_index_copy(0, perm, &y)?;
         let out = by_slot.f_reshape([n, w, h])?.f_sum_dim_intlist(1, false, Kind::Float)?;
-        out.f_to_kind(x.kind()).ctx("moe.experts.grouped")
+        out.f_to_kind(kind).ctx("moe.experts.grouped")
     }
 
     fn forward_per_expert(&self, x: &Tensor, ids: &Tensor, weights: &Tensor) -> Result<Tensor> {
@@ -362,7 +392,8 @@ impl MoeBlock {
             self.add_unfused_shared(layer, &xf, out)?
         } else {
             let weights = mixing_weights(&probs, &ids, ctx.renormalize, &self.mixing).ctx(format!("layers.{layer}.mlp.mixing"))?;
-            let out = self.experts.forward(&xf, &ids, &weights, ctx.dispatch).ctx(format!("layers.{layer}.mlp.experts"))?;
+            let bound = ctx.policy.max_pairs(layer, n as usize);
+            let out = self.experts.forward(&xf, &ids, &weights, ctx.dispatch, Some(bound)).ctx(format!("layers.{layer}.mlp.experts"))?;
             self.add_shared(layer, &xf, out)?
         };
         if let Some(trace) = ctx.trace.as_deref_mut() {
@@ -421,8 +452,13 @@ mod tests {
         let x = Tensor::randn([4, 16], (Kind::Float, Device::Cpu));
         let ids = Tensor::from_slice(&[3i64, 0, -1, 4, 2, 1, -1, -1, -1, 0, 1, 3]).reshape([4, 3]);
         let w = Tensor::rand([4, 3], (Kind::Float, Device::Cpu));
-        let a = ex.forward(&x, &ids, &w, Dispatch::Grouped).expect("grouped");
-        let b = ex.forward(&x, &ids, &w, Dispatch::PerExpert).expect("per expert");
+        let a = ex.forward(&x, &ids, &w, Dispatch::Grouped, None).expect("grouped");
+        let b = ex.forward(&x, &ids, &w, Dispatch::PerExpert, None).expect("per expert");
+        // The exact bound on the chosen pairs (8 of 12 slots) gives the same result; a zero bound, zeros.
+        let c = ex.forward(&x, &ids, &w, Dispatch::Grouped, Some(8)).expect("bounded");
+        assert!(a.allclose(&c, 1e-6, 1e-6, false));
+        let z = ex.forward(&x, &ids, &w, Dispatch::Grouped, Some(0)).expect("zero bound");
+        assert_eq!(z.abs().sum(Kind::Float).double_value(&[]), 0.0);
         assert!(a.allclose(&b, 1e-5, 1e-5, false), "{a} vs {b}");
         // Token 2 has no experts at all: exact zeros.
         assert_eq!(a.get(2).abs().sum(Kind::Float).double_value(&[]), 0.0);

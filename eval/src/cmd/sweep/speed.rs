@@ -11,9 +11,10 @@ use super::task_data::TaskData;
 use crate::device::{median, sync};
 use crate::spec::SweepSpec;
 
-/// Prefill and decode throughput (tokens/s, the faster of 2 timed runs after a warm-up) under `policy`.
+/// Prefill and decode throughput (tokens/s, the median of 2 timed runs after a warm-up) under `policy`.
 /// Prefill: `speed_batch` sequences of `seq_len` tokens. Decode: the same sequences' first 32 tokens as
-/// prompts, then `speed_decode_steps` greedy steps with the KV cache, all sequences together.
+/// prompts, then `speed_decode_steps` greedy steps with the KV cache, all sequences together; on CUDA
+/// the step is captured once in a CUDA graph and replayed (as `eval bench` does), elsewhere eager.
 pub fn measure_speed(model: &Model, policy: &dyn DevicePolicy, renormalize: Renormalize, data: &TaskData, spec: &SweepSpec) -> Result<(f64, f64)> {
     let TaskData::Text { sequences, .. } = data else { bail!("speed is measured on text tasks") };
     let _guard = tch::no_grad_guard();
@@ -35,6 +36,11 @@ pub fn measure_speed(model: &Model, policy: &dyn DevicePolicy, renormalize: Reno
     }
     let prompt_len = 32.min(spec.seq_len) as i64;
     let prompt = ids.f_narrow(1, 0, prompt_len)?;
+    if device.is_cuda() && cuda_graph::compiled() {
+        let mut ctx = ForwardCtx::new(policy).with_renormalize(renormalize);
+        let ms = crate::cmd::bench::decode_graph(model, &mut ctx, &prompt, spec.speed_decode_steps.max(1), 2)?;
+        return Ok((median(prefill), b as f64 * 1e3 / ms));
+    }
     let mut decode = Vec::new();
     for rep in 0..3 {
         let mut cache = KvCache::new();

@@ -1,0 +1,43 @@
+// The last step of the grouped MoE path for many tokens (prefill), compiled at run time by NVRTC: the
+// expert outputs y, one row per chosen (token, slot) pair in expert-sorted order, are weighted and summed
+// back per token in one pass (the libtorch sequence: mask, weight multiply, zero a (T * W, H) f32
+// buffer, scatter into it, sum over slots, cast; ~6 kernels and ~5x the memory traffic):
+//   out[t, c] = sum_s w[t, s] * y[row[t, s], c]   over slots with ids[t, s] >= 0 and row[t, s] >= 0,
+// in slot order, in f32, rounded to bf16 once (deterministic). Rows outside 0..M are skipped.
+//
+// grid (ceil(H / (8 * blockDim)), T), block 256. y (M, H) bf16, ids (T, W) i64, row (T, W) i64 (-1 = no
+// row), w (T, W) f32, out (T, H) bf16. Requirements (checked by the caller): contiguous, H % 8 == 0.
+
+__device__ __forceinline__ unsigned pack2(float a, float b) {
+  return (unsigned)to_bf16(a) | ((unsigned)to_bf16(b) << 16);
+}
+
+extern "C" __global__ void moe_combine(const bf16* __restrict__ y, const i64* __restrict__ ids,
+                                       const i64* __restrict__ row, const float* __restrict__ w,
+                                       bf16* __restrict__ out, int H, int W, i64 M) {
+  const int t = blockIdx.y;
+  const int c = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  if (c >= H) return;
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int s = 0; s < W; ++s) {
+    const i64 p = (i64)t * W + s;
+    const i64 r = row[p];
+    if (ids[p] < 0 || r < 0 || r >= M) continue;
+    const float ws = w[p];
+    const uint4 v = *reinterpret_cast<const uint4*>(y + r * H + c);
+    acc[0] += ws * lo(v.x);
+    acc[1] += ws * hi(v.x);
+    acc[2] += ws * lo(v.y);
+    acc[3] += ws * hi(v.y);
+    acc[4] += ws * lo(v.z);
+    acc[5] += ws * hi(v.z);
+    acc[6] += ws * lo(v.w);
+    acc[7] += ws * hi(v.w);
+  }
+  uint4 o;
+  o.x = pack2(acc[0], acc[1]);
+  o.y = pack2(acc[2], acc[3]);
+  o.z = pack2(acc[4], acc[5]);
+  o.w = pack2(acc[6], acc[7]);
+  *reinterpret_cast<uint4*>(out + (i64)t * H + c) = o;
+}
