@@ -12,7 +12,9 @@ mod provenance;
 mod results;
 mod scorer;
 mod spec;
+mod stack;
 mod tasks;
+mod timing;
 
 /// Budget-aware expert activation for Mixture-of-Experts inference (Alloc-MoE).
 #[derive(Parser, Debug)]

@@ -56,6 +56,8 @@ pub struct ProfileJob<'a> {
     pub calibration: Calibration,
     /// What the deltas measure.
     pub metric: ProfileMetric,
+    /// How the passes run (the default does less work for the same numbers).
+    pub passes: Passes,
 }
 
 /// Measure the profile. `partial` holds layers finished by an earlier, interrupted run (kept as is);
@@ -92,35 +94,185 @@ pub fn measure_profile(
     ks.dedup();
     // A partial profile of another metric is not resumed.
     let partial = partial.filter(|p| p.metric == profile.metric);
-    for &layer in &job.shape.moe_layers {
-        if let Some(done) = partial.as_ref().and_then(|p| p.layers.iter().find(|l| l.layer == layer)) {
-            profile.layers.push(done.clone());
-            for _ in &ks {
-                tick();
-            }
-            continue;
-        }
-        let mut k_list = Vec::new();
-        let mut delta = Vec::new();
-        for &k in &ks {
-            let alloc_k: Vec<u32> = job.shape.moe_layers.iter().map(|&l| if l == layer { k } else { native }).collect();
-            let policy = PerLayerTopK::new(LayerAllocation::new(job.shape.moe_layers.clone(), alloc_k)?);
-            let what = || format!("profiling layer {layer} at k = {k}");
-            let d = match job.metric {
-                ProfileMetric::Nll => job.scorer.text_nll(&policy, job.calib, None).with_context(what)?.mean() - reference,
-                ProfileMetric::Kl => job.scorer.kl_to_reference(&policy, job.calib, &hidden).with_context(what)?,
-            };
-            k_list.push(k);
-            delta.push(d);
-            tick();
-        }
-        k_list.push(native);
-        delta.push(0.0);
-        profile.layers.push(LayerProfile { layer, k: k_list, delta });
-        save(&profile)?;
+    let reference = Reference { nll: reference, hidden };
+    match crate::stack::stack_of(job.scorer.model).filter(|_| job.passes == Passes::FromCachedLayerInput) {
+        Some(stack) => layers_from_cache(job, stack, &ks, &reference, partial.as_ref(), &mut profile, &mut save, &mut tick)?,
+        None => layers_by_full_passes(job, &ks, &reference, partial.as_ref(), &mut profile, &mut save, &mut tick)?,
     }
     profile.validate()?;
     Ok(profile)
+}
+
+/// How profiling runs its passes (the results are the same; [`Passes::FromCachedLayerInput`] does
+/// less work).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Passes {
+    /// Run the full model once per calibration batch, keep the residual stream after each MoE layer's
+    /// attention, and run only that layer's feed-forward and the layers after it for each k (falls back
+    /// to whole passes for a family `crate::stack` does not reach).
+    #[default]
+    FromCachedLayerInput,
+    /// A whole forward pass per (layer, k) (what the cached passes must reproduce; kept for the tests).
+    Full,
+}
+
+/// What the deltas are measured against.
+struct Reference {
+    /// The full model's mean NLL.
+    nll: f64,
+    /// KL only: the full model's final hidden states per calibration batch.
+    hidden: Vec<Tensor>,
+}
+
+/// The policy that runs `layer` at `k` and every other MoE layer at the native K.
+fn one_layer_at(shape: &ModelShape, layer: usize, k: u32) -> Result<PerLayerTopK> {
+    let native = shape.native_k as u32;
+    let alloc_k: Vec<u32> = shape.moe_layers.iter().map(|&l| if l == layer { k } else { native }).collect();
+    Ok(PerLayerTopK::new(LayerAllocation::new(shape.moe_layers.clone(), alloc_k)?))
+}
+
+/// Layers kept from an interrupted run's profile, if it has `layer`.
+fn resumed(partial: Option<&SensitivityProfile>, layer: usize) -> Option<&LayerProfile> {
+    partial.and_then(|p| p.layers.iter().find(|l| l.layer == layer))
+}
+
+/// Push layer `layer`'s measured deltas (k = K appended with delta 0) and save the profile so far.
+fn finish_layer(
+    profile: &mut SensitivityProfile,
+    layer: usize,
+    ks: &[u32],
+    mut delta: Vec<f64>,
+    save: &mut impl FnMut(&SensitivityProfile) -> Result<()>,
+) -> Result<()> {
+    let mut k_list = ks.to_vec();
+    k_list.push(profile.full_k);
+    delta.push(0.0);
+    profile.layers.push(LayerProfile { layer, k: k_list, delta });
+    save(profile)
+}
+
+/// One whole forward pass per (layer, k).
+fn layers_by_full_passes(
+    job: &ProfileJob<'_>,
+    ks: &[u32],
+    reference: &Reference,
+    partial: Option<&SensitivityProfile>,
+    profile: &mut SensitivityProfile,
+    save: &mut impl FnMut(&SensitivityProfile) -> Result<()>,
+    tick: &mut impl FnMut(),
+) -> Result<()> {
+    for &layer in &job.shape.moe_layers {
+        if let Some(done) = resumed(partial, layer) {
+            profile.layers.push(done.clone());
+            ks.iter().for_each(|_| tick());
+            continue;
+        }
+        let mut delta = Vec::new();
+        for &k in ks {
+            let policy = one_layer_at(job.shape, layer, k)?;
+            let what = || format!("profiling layer {layer} at k = {k}");
+            let d = match job.metric {
+                ProfileMetric::Nll => job.scorer.text_nll(&policy, job.calib, None).with_context(what)?.mean() - reference.nll,
+                ProfileMetric::Kl => job.scorer.kl_to_reference(&policy, job.calib, &reference.hidden).with_context(what)?,
+            };
+            delta.push(d);
+            tick();
+        }
+        finish_layer(profile, layer, ks, delta, save)?;
+    }
+    Ok(())
+}
+
+/// The full model once per calibration batch, layer by layer; at each MoE layer l, the residual stream
+/// after l's attention is the input every (l, k) pass shares, so each k runs only l's feed-forward and
+/// the layers after it. Same deltas as [`layers_by_full_passes`], bit for bit.
+#[allow(clippy::too_many_arguments)]
+fn layers_from_cache(
+    job: &ProfileJob<'_>,
+    stack: &dyn crate::stack::Stack,
+    ks: &[u32],
+    reference: &Reference,
+    partial: Option<&SensitivityProfile>,
+    profile: &mut SensitivityProfile,
+    save: &mut impl FnMut(&SensitivityProfile) -> Result<()>,
+    tick: &mut impl FnMut(),
+) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    let scorer = job.scorer;
+    let batches = scorer.batches(job.calib)?;
+    if job.metric == ProfileMetric::Kl && batches.len() != reference.hidden.len() {
+        anyhow::bail!("{} reference batches for {} calibration batches", reference.hidden.len(), batches.len());
+    }
+    // The full model as the profiled passes run it elsewhere: every MoE layer at the native K.
+    let full = PerLayerTopK::new(LayerAllocation::new(job.shape.moe_layers.clone(), vec![job.shape.native_k as u32; job.shape.moe_layers.len()])?);
+    fn ctx_of<'p>(p: &'p dyn DevicePolicy, scorer: &Scorer<'_>) -> ForwardCtx<'p> {
+        ForwardCtx::new(p).with_renormalize(scorer.renormalize)
+    }
+    // Per batch: the residual stream and the plan every layer of the pass shares.
+    let mut states = Vec::with_capacity(batches.len());
+    for ids in &batches {
+        states.push(stack.begin(ids).context("embedding the calibration batch")?);
+    }
+    let last = job.shape.moe_layers.iter().copied().filter(|&l| resumed(partial, l).is_none()).max();
+    for i in 0..stack.num_layers() {
+        // Past the last layer to measure, the rest of the stack is not needed.
+        let Some(last) = last.filter(|&l| i <= l) else { break };
+        for (x, step) in &mut states {
+            *x = stack.attention(i, x, step, &mut ctx_of(&full, scorer)).with_context(|| format!("layer {i} attention"))?;
+        }
+        if let Some(done) = resumed(partial, i) {
+            profile.layers.push(done.clone());
+            ks.iter().for_each(|_| tick());
+        } else if job.shape.moe_layers.contains(&i) {
+            let mut delta = Vec::new();
+            for &k in ks {
+                let policy = one_layer_at(job.shape, i, k)?;
+                let what = || format!("profiling layer {i} at k = {k}");
+                let d = match job.metric {
+                    ProfileMetric::Nll => {
+                        let (mut nll, mut tokens) = (0.0f64, 0u64);
+                        for ((x, step), ids) in states.iter().zip(&batches) {
+                            let hidden = crate::stack::run_from_feed_forward(stack, i, x, step, &mut ctx_of(&policy, scorer)).with_context(what)?;
+                            let s = scorer.hidden_nll(&hidden, ids).with_context(what)?;
+                            if !s.is_finite() {
+                                anyhow::bail!("{}: the loss is {s} (not finite) under policy {}", what(), policy.name());
+                            }
+                            nll += s;
+                            tokens += (ids.size()[0] * (ids.size()[1] - 1)) as u64;
+                        }
+                        nll / tokens.max(1) as f64 - reference.nll
+                    }
+                    ProfileMetric::Kl => {
+                        let (mut kl, mut positions) = (0.0f64, 0u64);
+                        for ((x, step), href) in states.iter().zip(&reference.hidden) {
+                            let hidden = crate::stack::run_from_feed_forward(stack, i, x, step, &mut ctx_of(&policy, scorer)).with_context(what)?;
+                            positions += scorer.add_kl(&hidden, href, &mut kl).with_context(what)?;
+                        }
+                        if !kl.is_finite() {
+                            anyhow::bail!("{}: the KL divergence is {kl} (not finite) under policy {}", what(), policy.name());
+                        }
+                        kl / positions.max(1) as f64
+                    }
+                };
+                delta.push(d);
+                tick();
+            }
+            finish_layer(profile, i, ks, delta, save)?;
+        }
+        if i < last {
+            for (x, step) in &mut states {
+                *x = stack.feed_forward(i, x, step, &mut ctx_of(&full, scorer)).with_context(|| format!("layer {i} feed-forward"))?;
+            }
+        }
+    }
+    // Resumed layers after the last measured one (the loop stopped before them).
+    for &layer in job.shape.moe_layers.iter().filter(|&&l| last.is_none_or(|last| l > last)) {
+        if let Some(done) = resumed(partial, layer) {
+            profile.layers.push(done.clone());
+            ks.iter().for_each(|_| tick());
+        }
+    }
+    Ok(())
 }
 
 /// Run the full model on the calibration sequences and copy every MoE layer's router probabilities to

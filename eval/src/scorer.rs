@@ -154,7 +154,7 @@ impl<'m> Scorer<'m> {
 
     /// The equal-length `seqs` as `(rows, len)` id tensors on the device, in the batches every scoring
     /// call uses (so two calls' batches line up).
-    fn batches(&self, seqs: &[Vec<i64>]) -> Result<Vec<Tensor>> {
+    pub fn batches(&self, seqs: &[Vec<i64>]) -> Result<Vec<Tensor>> {
         let Some(len) = seqs.first().map(Vec::len) else { return Ok(Vec::new()) };
         let rows = (self.batch_tokens / len.max(1)).max(1);
         seqs.chunks(rows)
@@ -210,25 +210,56 @@ impl<'m> Scorer<'m> {
         for (ids, href) in batches.iter().zip(reference) {
             let mut ctx = ForwardCtx::new(policy).with_renormalize(self.renormalize);
             let hidden = self.model.forward_hidden(ids, &mut ctx).context("forward pass")?;
-            let h = hidden.size()[2];
-            let (x, xr) = (hidden.f_reshape([-1, h])?, href.f_reshape([-1, h])?); // (b t, h)
-            let rows = x.size()[0];
-            let chunk = self.head_chunk.max(1) as i64;
-            let mut start = 0;
-            while start < rows {
-                let n = chunk.min(rows - start);
-                let lp = self.model.lm_head(&x.f_narrow(0, start, n)?)?.f_log_softmax(-1, Kind::Float)?; // (n, v)
-                let lr = self.model.lm_head(&xr.f_narrow(0, start, n)?)?.f_log_softmax(-1, Kind::Float)?;
-                let part = lr.f_exp()?.f_mul(&lr.f_sub(&lp)?)?.f_sum(Kind::Double)?.f_double_value(&[])?;
-                kl += part;
-                start += n;
-            }
-            positions += rows as u64;
+            positions += self.add_kl(&hidden, href, &mut kl)?;
         }
         if !kl.is_finite() {
             anyhow::bail!("the KL divergence is {kl} (not finite) under policy {}", policy.name());
         }
         Ok(kl / positions.max(1) as f64)
+    }
+
+    /// Add to `kl` the summed KL(p_ref || p) over every position of final hidden states `hidden`
+    /// `(b, t, h)` against the reference's `href` (same shape), `head_chunk` rows at a time; returns the
+    /// number of positions.
+    pub fn add_kl(&self, hidden: &Tensor, href: &Tensor, kl: &mut f64) -> Result<u64> {
+        let _guard = tch::no_grad_guard();
+        let h = hidden.size()[2];
+        let (x, xr) = (hidden.f_reshape([-1, h])?, href.f_reshape([-1, h])?); // (b t, h)
+        let rows = x.size()[0];
+        let chunk = self.head_chunk.max(1) as i64;
+        let mut start = 0;
+        while start < rows {
+            let n = chunk.min(rows - start);
+            let lp = self.model.lm_head(&x.f_narrow(0, start, n)?)?.f_log_softmax(-1, Kind::Float)?; // (n, v)
+            let lr = self.model.lm_head(&xr.f_narrow(0, start, n)?)?.f_log_softmax(-1, Kind::Float)?;
+            let part = lr.f_exp()?.f_mul(&lr.f_sub(&lp)?)?.f_sum(Kind::Double)?.f_double_value(&[])?;
+            *kl += part;
+            start += n;
+        }
+        Ok(rows as u64)
+    }
+
+    /// The summed NLL of tokens 1.. of each row of `(b, t)` `ids` given final hidden states `hidden`
+    /// `(b, t, h)`, computed as [`Self::text_nll`] computes it (`moe_models::token_nll`'s head chunks,
+    /// then one f64 sum), so the same hidden states give the same bits.
+    pub fn hidden_nll(&self, hidden: &Tensor, ids: &Tensor) -> Result<f64> {
+        let _guard = tch::no_grad_guard();
+        let (b, t, h) = (hidden.size()[0], hidden.size()[1], hidden.size()[2]);
+        let src = hidden.f_narrow(1, 0, t - 1)?.f_reshape([-1, h])?; // (b (t-1), h)
+        let tgt = ids.f_to_device(hidden.device())?.f_narrow(1, 1, t - 1)?.f_reshape([-1, 1])?; // (b (t-1), 1)
+        let rows = src.size()[0];
+        let chunk = self.head_chunk.max(1) as i64;
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < rows {
+            let len = chunk.min(rows - start);
+            let logits = self.model.lm_head(&src.f_narrow(0, start, len)?)?.f_to_kind(Kind::Float)?; // (len, v)
+            let lse = logits.f_logsumexp([-1], false)?;
+            let picked = logits.f_gather(1, &tgt.f_narrow(0, start, len)?, false)?.f_squeeze_dim(1)?;
+            parts.push(lse.f_sub(&picked)?);
+            start += len;
+        }
+        Ok(Tensor::f_cat(&parts, 0)?.f_reshape([b, t - 1])?.f_sum(Kind::Double)?.f_double_value(&[])?)
     }
 
     /// For each (context, continuation) pair: the summed log-probability of the continuation and

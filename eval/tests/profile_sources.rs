@@ -112,3 +112,55 @@ fn a_sweep_with_kl_profile_lexi_and_fractional_alloc_lt_on_a_top2_model() {
     let realized = lt["metrics"]["realized_activations_per_token"].as_f64().unwrap();
     assert!((realized - 4.0).abs() < 1e-9, "{realized}");
 }
+
+#[test]
+fn cached_layer_input_profiles_equal_whole_forward_passes_bit_for_bit() {
+    // Profiling starts each (layer, k) pass from the cached residual stream at the profiled layer; it must
+    // give the same bytes as one whole forward pass per (layer, k): dense first layers, MLA, sliding
+    // windows, shared experts, both metrics, several calibration batches. (The OLMoE and Qwen3-MoE
+    // fixtures' tokenizers do not read the test text; they run the same decoder loop.)
+    let d = tempfile::tempdir().unwrap();
+    let t = text(d.path());
+    let small = ["profile", "--seq-len", "32", "--calib-tokens", "192", "--batch-tokens", "64", "--k", "1,2,3"];
+    for model in ["deepseek_v2/lite_yarn", "mixtral/gqa_window", "qwen2_moe/shared_dense_raw"] {
+        for metric in ["nll", "kl"] {
+            let run = |name: &str, extra: &[&str]| {
+                let p = d.path().join(name);
+                let o = eval(&[&small[..], &["--metric", metric], extra].concat(), &[("--model", &fixture(model)), ("--text", &t), ("--out", &p)]);
+                assert!(o.status.success(), "{model} {metric}: {}", String::from_utf8_lossy(&o.stderr));
+                std::fs::read_to_string(&p).unwrap()
+            };
+            let cached = run("cached.json", &[]);
+            let full = run("full.json", &["--full-passes"]);
+            assert_eq!(cached, full, "{model} {metric}");
+            let v: Value = serde_json::from_str(&cached).unwrap();
+            assert_eq!(v["metric"], if metric == "nll" { "delta_nll" } else { "kl" });
+        }
+    }
+}
+
+#[test]
+fn a_cached_profile_resumes_a_partial_one() {
+    // An interrupted profile kept its finished layers in `.<out>.partial.json`; the cached passes reuse
+    // them (here: a first layer with made-up deltas, which must survive) and measure the rest.
+    let d = tempfile::tempdir().unwrap();
+    let t = text(d.path());
+    let model = fixture("deepseek_v2/lite_yarn");
+    let small = ["profile", "--seq-len", "32", "--calib-tokens", "128", "--k", "1,2"];
+    let whole = d.path().join("whole.json");
+    let o = eval(&small, &[("--model", &model), ("--text", &t), ("--out", &whole)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut v = read(&whole);
+    let first = v["layers"][0]["layer"].clone();
+    v["layers"][0]["delta"][0] = serde_json::json!(123.0);
+    let last_layer = v["layers"].as_array().unwrap().last().unwrap().clone();
+    v["layers"] = serde_json::json!([v["layers"][0].clone()]);
+    let out = d.path().join("p.json");
+    std::fs::write(d.path().join("p.partial"), serde_json::to_string(&v).unwrap()).unwrap();
+    let o = eval(&small, &[("--model", &model), ("--text", &t), ("--out", &out)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = read(&out);
+    assert_eq!(got["layers"][0]["layer"], first);
+    assert_eq!(got["layers"][0]["delta"][0], 123.0, "the resumed layer is kept as it was: {got}");
+    assert_eq!(got["layers"].as_array().unwrap().last().unwrap(), &last_layer, "the other layers are measured as before");
+}

@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::lexi::{measure_lexi_profile, LexiJob};
 use crate::methods::ModelShape;
-use crate::profiling::{measure_profile, ProfileJob, ProfileMetric};
+use crate::profiling::{measure_profile, Passes, ProfileJob, ProfileMetric};
 use crate::results::write_atomic;
 use crate::scorer::Scorer;
 use crate::tasks::text;
@@ -57,6 +57,10 @@ pub struct Args {
     /// Seed of the LExI-style profile's Gaussian inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Run a whole forward pass per (layer, k) instead of starting each from the cached input of the
+    /// profiled layer (the same numbers, more work; a check of the cached passes).
+    #[arg(long)]
+    pub full_passes: bool,
     /// Output JSON file.
     #[arg(long)]
     pub out: PathBuf,
@@ -65,7 +69,7 @@ pub struct Args {
 /// Where a profile's sensitivity comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Source {
-    /// Calibration text, one forward pass of the whole model per layer and k.
+    /// Calibration text, one forward pass per layer and k (from the profiled layer on).
     Text,
     /// Data-free: Gaussian inputs through each MoE layer alone (LExI-style).
     Lexi,
@@ -118,6 +122,7 @@ pub fn run(args: Args) -> Result<()> {
             reference_nll: None,
         },
         metric: args.metric,
+        passes: if args.full_passes { Passes::Full } else { Passes::FromCachedLayerInput },
     };
     let profile = measure_profile(&job, partial, |p| write_atomic(&partial_path, p.to_json().as_bytes()), || bar.inc(1))?;
     bar.finish_and_clear();

@@ -33,6 +33,7 @@ use crate::methods::Method;
 use crate::provenance::Provenance;
 use crate::results::{remove_stale_temporaries, write_atomic, PointKey, ResultsFile, Status};
 use crate::spec::SweepSpec;
+use crate::timing::Timings;
 use crate::tasks::{text, Task};
 
 pub use summary::print_summary;
@@ -201,8 +202,9 @@ fn run_all(
     let discovered = args.models.is_empty() && spec_models_from_file(args).is_none();
     let mut planned: Vec<PointKey> = Vec::new();
     let mut tally = model::Tally::default();
+    let timings = Timings::default();
     for model_dir in &spec.models {
-        let ctx = model::RunCtx { spec, spec_json, out, provenance: &provenance, run_id: &run_id, skip_failed: args.skip_failed };
+        let ctx = model::RunCtx { spec, spec_json, out, provenance: &provenance, run_id: &run_id, skip_failed: args.skip_failed, timings: &timings };
         match model::run_model(&ctx, model_dir, methods, tasks, device, kind, renormalize, results, &mut planned, &mut tally) {
             Ok(()) => {}
             // A model found under models/ whose family this build does not implement is skipped with a
@@ -213,11 +215,12 @@ fn run_all(
             Err(e) => return Err(e.context(format!("model {}", model_dir.display()))),
         }
     }
-    results.write_csv(&out.join("results.csv"))?;
-    let figures = crate::cmd::plot::plot_dir(out)?;
+    timings.time("csv + figures", || results.write_csv(&out.join("results.csv")))?;
+    let figures = timings.time("csv + figures", || crate::cmd::plot::plot_dir(out))?;
     print_summary(results);
     eprintln!("sweep: wrote {}, {}, {} figure files in {}", out.join("results.jsonl").display(), out.join("results.csv").display(), figures.len(), out.join("figures").display());
     eprintln!("sweep: {tally}");
+    eprint!("sweep: time by stage (CPU seconds: user + system, all threads)\n{}", timings.report());
     all_failed_error(results, &planned)
 }
 

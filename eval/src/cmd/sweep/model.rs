@@ -37,6 +37,8 @@ pub struct RunCtx<'a> {
     pub run_id: &'a str,
     /// Keep failed points instead of retrying them.
     pub skip_failed: bool,
+    /// Wall and CPU seconds per stage (printed at the end).
+    pub timings: &'a crate::timing::Timings,
 }
 
 /// How the points of a run went (printed at the end).
@@ -116,8 +118,9 @@ pub fn run_model(
     let spec = rc.spec;
     let name = model_name(dir);
     let t0 = Instant::now();
-    let model = moe_models::load(dir, device, kind)?;
-    let tokenizer = load_tokenizer(dir)?;
+    let tm = rc.timings;
+    let model = tm.time("load model", || moe_models::load(dir, device, kind))?;
+    let tokenizer = tm.time("load tokenizer", || load_tokenizer(dir))?;
     let info = model.info().clone();
     let shape = ModelShape { moe_layers: info.moe_layers.clone(), native_k: info.native_k, experts: info.n_routed_experts };
     let full_budget = shape.full_budget();
@@ -133,7 +136,7 @@ pub fn run_model(
 
     // Calibration text: the first calib_tokens of the held-out text.
     let heldout_text = text::read_text(&spec.heldout)?;
-    let calib = text::tokenize_into_sequences(&tokenizer, &heldout_text, spec.seq_len, 0, spec.calib_tokens)?;
+    let calib = tm.time("tokenize", || text::tokenize_into_sequences(&tokenizer, &heldout_text, spec.seq_len, 0, spec.calib_tokens))?;
     let calib_tokens_used = calib.sequences.len() * spec.seq_len;
     let tokenizer_check = || format!("tokenizer of {}", dir.display());
     text::check_vocab(calib.sequences.iter().flatten(), info.vocab_size).with_context(tokenizer_check)?;
@@ -141,23 +144,29 @@ pub fn run_model(
     // The tasks' inputs first: a task that cannot be read is bad input, found before minutes of profiling.
     let mut task_data = Vec::with_capacity(tasks.len());
     for task in tasks {
-        let data = TaskData::prepare(task, spec, &tokenizer, &heldout_text, calib_tokens_used)?;
+        let data = tm.time("tokenize", || TaskData::prepare(task, spec, &tokenizer, &heldout_text, calib_tokens_used))?;
         text::check_vocab(data.token_ids(), info.vocab_size).with_context(tokenizer_check)?;
         task_data.push(data);
     }
 
     let any = |f: fn(Method) -> bool| methods.iter().any(|&m| f(m));
-    let problem: Prepared<Problem> =
-        if any(Method::needs_profile) { Some(problem_of(text_profile(rc, &name, &scorer, &shape, &calib.sequences)?)?) } else { None };
-    let lexi: Prepared<Problem> =
-        if any(Method::needs_lexi_profile) { Some(problem_of(lexi_profile(rc, &name, &model, &shape, renormalize)?)?) } else { None };
+    let problem: Prepared<Problem> = if any(Method::needs_profile) {
+        Some(problem_of(tm.time("profile (text)", || text_profile(rc, &name, &scorer, &shape, &calib.sequences))?)?)
+    } else {
+        None
+    };
+    let lexi: Prepared<Problem> = if any(Method::needs_lexi_profile) {
+        Some(problem_of(tm.time("profile (lexi)", || lexi_profile(rc, &name, &model, &shape, renormalize))?)?)
+    } else {
+        None
+    };
     let trace: Prepared<Vec<HostRoute>> = if any(Method::needs_calibration_trace) {
-        Some(record_host_trace(&scorer, &shape, &calib.sequences).map_err(|e| format!("{e:#}")))
+        Some(tm.time("record routing", || record_host_trace(&scorer, &shape, &calib.sequences)).map_err(|e| format!("{e:#}")))
     } else {
         None
     };
     let mass: Prepared<Vec<LayerMass>> = match (methods.contains(&Method::AllocLT), &problem, &trace) {
-        (true, Some(Ok(p)), Some(Ok(t))) => Some(mass_curves(p, t, &shape).map_err(|e| format!("{e:#}"))),
+        (true, Some(Ok(p)), Some(Ok(t))) => Some(tm.time("mass curves", || mass_curves(p, t, &shape)).map_err(|e| format!("{e:#}"))),
         _ => None,
     };
 
@@ -240,7 +249,7 @@ pub fn run_model(
                             tally.failed += 1;
                         }
                     }
-                    results.append(record)?;
+                    tm.time("write results", || results.append(record))?;
                 }
             }
             bar.inc(1);

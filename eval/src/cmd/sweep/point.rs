@@ -75,7 +75,8 @@ pub fn run_point(
 
 fn evaluate(env: &PointEnv<'_>, record: &mut Record, method: Method, budget_total: u32, inputs: &Inputs<'_>, reference: Option<f64>) -> Result<()> {
     let spec = env.rc.spec;
-    let built = build(method, budget_total, env.shape, inputs)?;
+    let tm = env.rc.timings;
+    let built = tm.time("point: build policy", || build(method, budget_total, env.shape, inputs))?;
     record.allocation = built.allocation.clone();
     record.predicted_delta = built.predicted_delta;
     if let Some(o) = record.spec.as_object_mut() {
@@ -83,10 +84,10 @@ fn evaluate(env: &PointEnv<'_>, record: &mut Record, method: Method, budget_tota
     }
     let mut meter = ActivationMeter::new(&env.shape.moe_layers, env.shape.experts);
     let t = Instant::now();
-    let metrics = env.data.evaluate(env.scorer, env.model, env.tokenizer, built.policy.as_ref(), &mut meter, spec)?;
+    let metrics = tm.time("point: evaluate", || env.data.evaluate(env.scorer, env.model, env.tokenizer, built.policy.as_ref(), &mut meter, spec))?;
     record.metrics.extend(metrics);
     record.metrics.insert("eval_seconds".into(), t.elapsed().as_secs_f64());
-    let realized = meter.finish()?;
+    let realized = tm.time("point: evaluate", || meter.finish())?;
     record.metrics.insert("realized_activations_per_token".into(), realized.per_token_total());
     record.realized_per_layer = Some(realized.per_layer);
     record.unique_experts_per_layer = Some(realized.unique_per_layer);
@@ -96,7 +97,7 @@ fn evaluate(env: &PointEnv<'_>, record: &mut Record, method: Method, budget_tota
         record.metrics.insert("delta_nll".into(), nll - r);
     }
     if spec.speed && matches!(env.task, Task::Text { .. }) {
-        let (prefill, decode) = measure_speed(env.model, built.policy.as_ref(), env.renormalize, env.data, spec)?;
+        let (prefill, decode) = tm.time("point: speed", || measure_speed(env.model, built.policy.as_ref(), env.renormalize, env.data, spec))?;
         record.metrics.insert("prefill_tokens_per_s".into(), prefill);
         record.metrics.insert("decode_tokens_per_s".into(), decode);
     }

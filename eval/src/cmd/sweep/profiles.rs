@@ -91,6 +91,7 @@ pub fn text_profile(rc: &RunCtx<'_>, name: &str, scorer: &Scorer<'_>, shape: &Mo
             reference_nll: None,
         },
         metric,
+        passes: Default::default(),
     };
     let measured = measure_profile(&job, partial, |p| write_atomic(&partial_path, p.to_json().as_bytes()), || bar.inc(1));
     bar.finish_and_clear();
