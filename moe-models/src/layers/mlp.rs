@@ -29,8 +29,16 @@ impl Mlp {
 
     /// Apply to `(.., h)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x)?.f_silu()?;
+        let g = self.gate_proj.forward(x)?;
         let u = self.up_proj.forward(x)?;
-        self.down_proj.forward(&g.f_mul(&u).ctx("mlp")?)
+        let size = g.size();
+        let cols = size.last().copied().unwrap_or(0);
+        // CUDA bf16: silu and the product in one kernel.
+        let fused = crate::kernels::swiglu(&g.f_reshape([-1, cols])?, &u.f_reshape([-1, cols])?)?;
+        let act = match fused {
+            Some(a) => a.f_reshape(&size)?,
+            None => g.f_silu()?.f_mul(&u).ctx("mlp")?,
+        };
+        self.down_proj.forward(&act)
     }
 }

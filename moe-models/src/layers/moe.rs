@@ -104,8 +104,11 @@ impl Experts {
 
     fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
         let half = gate_up.size()[1] / 2;
-        let g = gate_up.f_narrow(1, 0, half)?.f_silu()?;
-        Ok(g.f_mul(&gate_up.f_narrow(1, half, half)?)?)
+        let (g, u) = (gate_up.f_narrow(1, 0, half)?, gate_up.f_narrow(1, half, half)?);
+        if let Some(a) = crate::kernels::swiglu(&g, &u)? {
+            return Ok(a); // CUDA bf16: one kernel
+        }
+        Ok(g.f_silu()?.f_mul(&u)?)
     }
 
     fn forward_grouped(&self, x: &Tensor, ids: &Tensor, weights: &Tensor, max_pairs: Option<usize>) -> Result<Tensor> {
@@ -121,7 +124,8 @@ impl Experts {
         // on their number only that prefix is gathered and computed.
         let all = n * w;
         let m = max_pairs.map_or(all, |b| (b as i64).min(all));
-        let keyed = ids.f_reshape([-1])?.f_remainder(e + 1)?; // (all)
+        // i32 keys: the radix sort makes half the passes of i64 keys.
+        let keyed = ids.f_reshape([-1])?.f_remainder(e + 1)?.f_to_kind(Kind::Int)?; // (all)
         let (sorted, perm) = keyed.f_sort_stable(true, 0, false)?; // (all)
         let (sorted, perm) = (sorted.f_narrow(0, 0, m)?, perm.f_narrow(0, 0, m)?); // (m)
         if m == 0 {
@@ -129,7 +133,7 @@ impl Experts {
         }
         let token = perm.f_floor_divide_scalar(w)?; // (m)
         // Group ends: how many sorted keys are <= j, for j in 0..e.
-        let groups = Tensor::f_arange(e, (Kind::Int64, dev))?;
+        let groups = Tensor::f_arange(e, (Kind::Int, dev))?;
         let offs = groups.f_searchsorted(&sorted, true, true, "right", None::<&Tensor>)?; // (e) int32
         let xg = x.f_index_select(0, &token)?; // (m, h)
         let gu = xg.f_internal_grouped_mm(&self.gate_up_proj.f_transpose(1, 2)?, Some(&offs), None::<&Tensor>, None)?;

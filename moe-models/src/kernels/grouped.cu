@@ -1,5 +1,6 @@
-// The last step of the grouped MoE path for many tokens (prefill), compiled at run time by NVRTC: the
-// expert outputs y, one row per chosen (token, slot) pair in expert-sorted order, are weighted and summed
+// Kernels of the grouped MoE path for many tokens (prefill), compiled at run time by NVRTC.
+//
+// moe_combine, the last step: the expert outputs y, one row per chosen (token, slot) pair in expert-sorted order, are weighted and summed
 // back per token in one pass (the libtorch sequence: mask, weight multiply, zero a (T * W, H) f32
 // buffer, scatter into it, sum over slots, cast; ~6 kernels and ~5x the memory traffic):
 //   out[t, c] = sum_s w[t, s] * y[row[t, s], c]   over slots with ids[t, s] >= 0 and row[t, s] >= 0,
@@ -40,4 +41,29 @@ extern "C" __global__ void moe_combine(const bf16* __restrict__ y, const i64* __
   o.z = pack2(acc[4], acc[5]);
   o.w = pack2(acc[6], acc[7]);
   *reinterpret_cast<uint4*>(out + (i64)t * H + c) = o;
+}
+
+// SwiGLU in one pass: out[r, j] = silu(g[r, j]) * u[r, j] in f32, rounded to bf16 once (libtorch: silu and
+// mul, two kernels over strided halves). g and u (rows, cols) bf16 with row strides gs, us (elements) and
+// unit column stride; out (rows, cols) bf16 contiguous. grid ceil(rows * cols / 8 / 256), block 256.
+// Requirements (checked by the caller): cols, gs and us multiples of 8, 16-byte aligned bases.
+extern "C" __global__ void swiglu(const bf16* __restrict__ g, const bf16* __restrict__ u, bf16* __restrict__ out,
+                                  i64 rows, int cols, i64 gs, i64 us) {
+  const i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  if (i >= rows * cols) return;
+  const i64 r = i / cols;
+  const int c = (int)(i - r * cols);
+  const uint4 gv = *reinterpret_cast<const uint4*>(g + r * gs + c);
+  const uint4 uv = *reinterpret_cast<const uint4*>(u + r * us + c);
+  const unsigned gw[4] = {gv.x, gv.y, gv.z, gv.w};
+  const unsigned uw[4] = {uv.x, uv.y, uv.z, uv.w};
+  unsigned o[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float g0 = lo(gw[q]), g1 = hi(gw[q]);
+    const float a = g0 / (1.f + expf(-g0)) * lo(uw[q]);
+    const float b = g1 / (1.f + expf(-g1)) * hi(uw[q]);
+    o[q] = pack2(a, b);
+  }
+  *reinterpret_cast<uint4*>(out + i) = make_uint4(o[0], o[1], o[2], o[3]);
 }

@@ -1,0 +1,371 @@
+//! Fused MoE kernels for a few tokens (`moe_decode.cu`): the routed experts read straight from the
+//! stacked weights in two kernels, optionally with the router's top-k (a third, tiny kernel for the
+//! logits) and the shared expert in the same kernels.
+
+use std::sync::OnceLock;
+
+use cuda_graph::jit::{Arg, Function};
+use tch::{Device, Kind, Tensor};
+
+use super::{compiled, launch, Compiled};
+use crate::error::{Error, Result};
+
+/// The largest `tokens x slots` the fused path takes; above it the grouped GEMMs win.
+pub const FUSED_MOE_MAX_PAIRS: i64 = 64;
+
+const WARPS: u32 = 4;
+
+static MOE: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
+pub(super) const MOE_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("moe_decode.cu"));
+
+/// `[moe_router, moe_gate_up, moe_down]`.
+fn moe_kernels(device: Device) -> Result<&'static [Function]> {
+    compiled(&MOE, device, "moe_decode.cu", MOE_SOURCE, &["moe_router", "moe_gate_up", "moe_down"])
+}
+
+/// The most routed experts the in-kernel top-k ranks (`MAX_EXPERTS` in `moe_decode.cu`).
+pub const FUSED_MOE_MAX_EXPERTS: i64 = 1024;
+
+/// Whether [`fused_moe`] applies to `pairs` (token, slot) pairs of `x`: a CUDA bf16 model, at most
+/// [`FUSED_MOE_MAX_PAIRS`] pairs, 16-byte rows.
+pub fn fused_moe_applies(x: &Tensor, pairs: i64, gate_up: &Tensor) -> bool {
+    let (h, i2) = (gate_up.size()[2], gate_up.size()[1]);
+    x.device().is_cuda() && x.kind() == Kind::BFloat16 && gate_up.kind() == Kind::BFloat16 && pairs <= FUSED_MOE_MAX_PAIRS
+        && h % 8 == 0 && (i2 / 2) % 8 == 0
+}
+
+/// [`fused_moe_applies`], and the kernels compile on this GPU (compiled on first use; a failure is
+/// logged once and the grouped path is used instead).
+pub fn fused_moe_available(x: &Tensor, pairs: i64, gate_up: &Tensor) -> bool {
+    fused_moe_applies(x, pairs, gate_up) && moe_kernels(x.device()).is_ok()
+}
+
+/// How [`fused_moe`] gets each chosen expert's mixing weight when a policy chose the experts.
+#[derive(Debug, Clone, Copy)]
+pub enum MixWeights<'a> {
+    /// `(n, w)` f32: the weights themselves.
+    Given(&'a Tensor),
+    /// `(n, e)` f32 router probabilities: weight = the chosen expert's probability, renormalised over the
+    /// token's chosen experts or not, times a scale (the family's [`crate::layers::moe::Mixing`]).
+    Router {
+        /// The probabilities.
+        probs: &'a Tensor,
+        /// Divide by the chosen probabilities' sum (+1e-20).
+        renormalize: bool,
+        /// Multiply afterwards.
+        scale: f64,
+    },
+}
+
+/// Which experts [`fused_moe`] mixes, and with which weights.
+#[derive(Debug, Clone, Copy)]
+pub enum Routing<'a> {
+    /// A routing policy chose: `ids` `(n, w)` i64 (`-1` = none; any row stride) and the weights.
+    Chosen {
+        /// The chosen experts.
+        ids: &'a Tensor,
+        /// Their mixing weights.
+        mix: MixWeights<'a>,
+    },
+    /// Plain top-k inside the kernels: logits `x . router^T` in f32 (`router` `(e, h)` f32), a softmax,
+    /// the `k` most probable experts (ties to the lower index, as a stable descending sort), weighted by
+    /// the family's mixing rule. Replaces the router's linear, softmax and sort kernels.
+    TopK {
+        /// The router weight.
+        router: &'a Tensor,
+        /// Experts per token.
+        k: i64,
+        /// Divide by the chosen probabilities' sum (+1e-20).
+        renormalize: bool,
+        /// Multiply afterwards.
+        scale: f64,
+    },
+}
+
+/// An always-on SwiGLU expert added to the routed sum in the same kernels: DeepSeek's shared experts
+/// (weight 1) or Qwen2-MoE's shared expert, weighted by `sigmoid(x . gate)`.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedExpert<'a> {
+    /// `gate_proj` `(is, h)` bf16.
+    pub gate: &'a Tensor,
+    /// `up_proj` `(is, h)` bf16.
+    pub up: &'a Tensor,
+    /// `down_proj` `(h, is)` bf16.
+    pub down: &'a Tensor,
+    /// `shared_expert_gate` `(1, h)` bf16, if the family gates the shared expert.
+    pub gate_logit: Option<&'a Tensor>,
+}
+
+/// One MoE layer's work for [`fused_moe`].
+#[derive(Debug, Clone, Copy)]
+pub struct MoeCall<'a> {
+    /// `(n, h)` bf16 on CUDA.
+    pub x: &'a Tensor,
+    /// The chosen experts and weights.
+    pub routing: Routing<'a>,
+    /// `(e, 2i, h)` bf16: each expert's gate rows, then its up rows.
+    pub gate_up: &'a Tensor,
+    /// `(e, h, i)` bf16.
+    pub down: &'a Tensor,
+    /// Shared expert added in the same kernels.
+    pub shared: Option<SharedExpert<'a>>,
+}
+
+/// Evaluate a MoE layer for a few tokens in two kernels (three with in-kernel top-k): the routed experts
+/// read straight from the stacked weights, mixed as `call.routing` says, plus the shared expert. Returns
+/// `(n, h)` bf16. Every shape, dtype, stride and device is checked here, because the kernels trust them.
+pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
+    let bad = |what: &str| Error::Input(format!("fused MoE: {what}"));
+    let MoeCall { x, routing, gate_up, down, shared } = *call;
+    let device = x.device();
+    let (xs, gs, ds) = (x.size(), gate_up.size(), down.size());
+    if xs.len() != 2 || gs.len() != 3 || ds.len() != 3 {
+        return Err(bad("expects x (n, h), gate_up (e, 2i, h), down (e, h, i)"));
+    }
+    let (n, h, e, i) = (xs[0], xs[1], gs[0], gs[1] / 2);
+    if gs != [e, 2 * i, h] || ds != [e, h, i] {
+        return Err(bad(&format!("inconsistent shapes x {xs:?}, gate_up {gs:?}, down {ds:?}")));
+    }
+    let check = |name: &str, t: &Tensor, kind: Kind, shape: &[i64]| -> Result<()> {
+        if t.device() != device || t.kind() != kind || t.size() != shape {
+            return Err(bad(&format!("{name} must be {kind:?} {shape:?} on {device:?}, got {:?} {:?}", t.kind(), t.size())));
+        }
+        Ok(())
+    };
+    check("down", down, Kind::BFloat16, &ds)?;
+    if !gate_up.is_contiguous() || !down.is_contiguous() {
+        return Err(bad("expert weights must be contiguous"));
+    }
+    let w = match routing {
+        Routing::Chosen { ids, mix } => {
+            let is = ids.size();
+            if is.len() != 2 || is[0] != n {
+                return Err(bad(&format!("ids {is:?} must be (n = {n}, w)")));
+            }
+            check("ids", ids, Kind::Int64, &is)?;
+            match mix {
+                MixWeights::Given(t) => check("mixing weights", t, Kind::Float, &[n, is[1]])?,
+                MixWeights::Router { probs, .. } => check("router probabilities", probs, Kind::Float, &[n, e])?,
+            }
+            is[1]
+        }
+        Routing::TopK { router, k, .. } => {
+            check("router", router, Kind::Float, &[e, h])?;
+            if k < 1 || k > e || e > FUSED_MOE_MAX_EXPERTS {
+                return Err(bad(&format!("top-{k} of {e} experts (at most {FUSED_MOE_MAX_EXPERTS} experts)")));
+            }
+            k
+        }
+    };
+    if !fused_moe_applies(x, n * w, gate_up) {
+        return Err(bad("needs CUDA bf16, at most 64 pairs and sizes that are multiples of 8"));
+    }
+    let is_ = match shared {
+        None => 0,
+        Some(s) => {
+            let is_ = s.gate.size()[0];
+            check("shared gate_proj", s.gate, Kind::BFloat16, &[is_, h])?;
+            check("shared up_proj", s.up, Kind::BFloat16, &[is_, h])?;
+            check("shared down_proj", s.down, Kind::BFloat16, &[h, is_])?;
+            if let Some(g) = s.gate_logit {
+                check("shared_expert_gate", g, Kind::BFloat16, &[1, h])?;
+            }
+            if is_ % 8 != 0 || ![s.gate, s.up, s.down].iter().all(|t| t.is_contiguous()) {
+                return Err(bad("the shared expert's width must be a multiple of 8 and its weights contiguous"));
+            }
+            is_
+        }
+    };
+    let k = moe_kernels(device)?;
+    let x = x.contiguous();
+    let f32s = |shape: &[i64]| Tensor::f_empty(shape, (Kind::Float, device));
+    let act = f32s(&[n * w, i])?;
+    let out = Tensor::f_empty([n, h], (Kind::BFloat16, device))?;
+    let act_s = f32s(&[n, is_.max(1)])?;
+    let gate_w = f32s(&[n])?;
+    let block = [32 * WARPS, 1, 1];
+    let rows = |r: i64| (r as u32).div_ceil(WARPS);
+    // Absent tensors are null pointers.
+    let null = Arg::I64(0);
+    let (sg, su, sd, sgate) = match shared {
+        Some(s) => (Arg::Tensor(s.gate), Arg::Tensor(s.up), Arg::Tensor(s.down), s.gate_logit.map_or(null, Arg::Tensor)),
+        None => (null, null, null, null),
+    };
+    // One output row per warp (more rows per warp measured slower on the H200: fewer warps in flight).
+    let grid_gu = [rows(i.max(is_)), (n * w + if is_ > 0 { n } else { 0 }) as u32, 1];
+    let grid_down = [rows(h), n as u32, 1];
+    match routing {
+        Routing::Chosen { ids, mix } => {
+            // Rows of ids may be strided (a policy's narrowed sort); elements must be adjacent.
+            let ids = if ids.stride()[1] == 1 { ids.shallow_clone() } else { ids.contiguous() };
+            let ld = ids.stride()[0];
+            let (mix_t, gather, renorm, scale) = match mix {
+                MixWeights::Given(t) => (t.contiguous(), 0, 0, 1.0),
+                MixWeights::Router { probs, renormalize, scale } => (probs.contiguous(), 1, renormalize as i32, scale),
+            };
+            let gu = [
+                Arg::Tensor(&x), Arg::Tensor(&ids), null, Arg::Tensor(gate_up), Arg::Tensor(&act), null, null, sg, su,
+                Arg::Tensor(&act_s), sgate, Arg::Tensor(&gate_w),
+                Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(ld as i32),
+                Arg::I32(is_ as i32), Arg::I32(n as i32), Arg::I32(0), Arg::I32(0), Arg::F32(1.0),
+            ];
+            launch(k[1], grid_gu, block, &gu)?;
+            let dn = [
+                Arg::Tensor(&act), Arg::Tensor(&ids), Arg::Tensor(&mix_t), Arg::Tensor(down), Arg::Tensor(&out), Arg::Tensor(&act_s),
+                sd, if shared.is_some_and(|s| s.gate_logit.is_some()) { Arg::Tensor(&gate_w) } else { null },
+                Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(ld as i32),
+                Arg::I32(is_ as i32), Arg::I32(gather), Arg::I32(renorm), Arg::F32(scale as f32),
+            ];
+            launch(k[2], grid_down, block, &dn)?;
+        }
+        Routing::TopK { router, renormalize, scale, .. } => {
+            let logits = f32s(&[n, e])?;
+            let owned_ids = Tensor::f_empty([n, w], (Kind::Int64, device))?;
+            let wts = f32s(&[n, w])?;
+            let r = [Arg::Tensor(&x), Arg::Tensor(router), Arg::Tensor(&logits), Arg::I32(h as i32), Arg::I32(e as i32)];
+            launch(k[0], [rows(e), n as u32, 1], block, &r)?;
+            let gu = [
+                Arg::Tensor(&x), null, Arg::Tensor(&logits), Arg::Tensor(gate_up), Arg::Tensor(&act), Arg::Tensor(&owned_ids),
+                Arg::Tensor(&wts), sg, su, Arg::Tensor(&act_s), sgate, Arg::Tensor(&gate_w),
+                Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(w as i32),
+                Arg::I32(is_ as i32), Arg::I32(n as i32), Arg::I32(1), Arg::I32(renormalize as i32), Arg::F32(scale as f32),
+            ];
+            launch(k[1], grid_gu, block, &gu)?;
+            let dn = [
+                Arg::Tensor(&act), Arg::Tensor(&owned_ids), Arg::Tensor(&wts), Arg::Tensor(down), Arg::Tensor(&out),
+                Arg::Tensor(&act_s), sd, if shared.is_some_and(|s| s.gate_logit.is_some()) { Arg::Tensor(&gate_w) } else { null },
+                Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(w as i32),
+                Arg::I32(is_ as i32), Arg::I32(0), Arg::I32(0), Arg::F32(1.0),
+            ];
+            launch(k[2], grid_down, block, &dn)?;
+        }
+    }
+    Ok(out)
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ctx::Dispatch;
+    use crate::layers::moe::Experts;
+
+    /// On a GPU: the fused kernels agree with the grouped GEMMs (bf16 tolerance), for one and several
+    /// tokens, with empty slots and a token without experts.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn fused_matches_grouped_on_the_gpu() {
+        let dev = Device::Cuda(0);
+        tch::manual_seed(1);
+        let (e, h, i) = (16i64, 256i64, 136i64);
+        let ex = Experts {
+            gate_up_proj: (Tensor::randn([e, 2 * i, h], (Kind::Float, dev)) * 0.05).to_kind(Kind::BFloat16),
+            down_proj: (Tensor::randn([e, h, i], (Kind::Float, dev)) * 0.05).to_kind(Kind::BFloat16),
+            num_experts: e,
+        };
+        for (n, ids) in [
+            (1i64, vec![3i64, 7, 0, 15, 9, 2]),
+            (3, vec![1, 4, -1, 15, 15, 2, -1, -1, -1]),
+        ] {
+            let w = ids.len() as i64 / n;
+            let ids = Tensor::from_slice(&ids).reshape([n, w]).to_device(dev);
+            let mix = Tensor::rand([n, w], (Kind::Float, dev));
+            let x = Tensor::randn([n, h], (Kind::Float, dev)).to_kind(Kind::BFloat16);
+            let a = ex.forward(&x, &ids, &mix, Dispatch::Fused, None).expect("fused").to_kind(Kind::Float);
+            let b = ex.forward(&x, &ids, &mix, Dispatch::Grouped, None).expect("grouped").to_kind(Kind::Float);
+            let err = (&a - &b).abs().max().double_value(&[]);
+            let scale = b.abs().max().double_value(&[]);
+            eprintln!("n = {n}: max |fused - grouped| = {err:.3e} (max |grouped| = {scale:.3e})");
+            assert!(err <= 0.02 * scale + 1e-3, "fused differs from grouped: {err} vs scale {scale}");
+            // Mixing weights made in the kernel from router probabilities == mixing_weights + grouped.
+            let probs = Tensor::rand([n, e], (Kind::Float, dev)).softmax(-1, Kind::Float);
+            for (renormalize, s) in [(false, 2.5), (true, 1.0)] {
+                let m = crate::layers::moe::Mixing { renormalize, scale: s };
+                let table = crate::layers::moe::MixingTable { native: m, always: m, never: m };
+                let wts = crate::layers::moe::mixing_weights(&probs, &ids, crate::ctx::Renormalize::Native, &table).expect("w");
+                let want = ex.forward(&x, &ids, &wts, Dispatch::Grouped, None).expect("grouped").to_kind(Kind::Float);
+                let mix = MixWeights::Router { probs: &probs, renormalize, scale: s };
+                let got = ex
+                    .forward_fused(&x, Routing::Chosen { ids: &ids, mix }, None)
+                    .expect("fused router")
+                    .to_kind(Kind::Float);
+                let err = (&got - &want).abs().max().double_value(&[]);
+                let scale = want.abs().max().double_value(&[]);
+                eprintln!("n = {n}, renormalize {renormalize}: max |fused - grouped| = {err:.3e} (of {scale:.3e})");
+                assert!(err <= 0.02 * scale + 1e-3, "router-mixed fused differs: {err} vs {scale}");
+            }
+        }
+    }
+
+    /// A random bf16 MoE block on the GPU: `e` experts of width `i`, hidden `h`, with a shared expert of
+    /// width `is` (gated or not) when `is > 0`.
+    fn random_block(e: i64, h: i64, i: i64, is: i64, gated: bool, renormalize: bool) -> crate::layers::moe::MoeBlock {
+        use crate::layers::mlp::Mlp;
+        use crate::layers::moe::{MoeBlock, Mixing, MixingTable, TopkMethod};
+        use crate::layers::Linear;
+        let dev = Device::Cuda(0);
+        let bf = |s: &[i64], sd: f64| (Tensor::randn(s, (Kind::Float, dev)) * sd).to_kind(Kind::BFloat16);
+        let lin = |o: i64, n: i64| Linear { weight: bf(&[o, n], 0.05), bias: None };
+        let m = Mixing { renormalize, scale: if renormalize { 1.0 } else { 1.5 } };
+        MoeBlock {
+            gate: Tensor::randn([e, h], (Kind::Float, dev)) * 0.2,
+            experts: Experts { gate_up_proj: bf(&[e, 2 * i, h], 0.05), down_proj: bf(&[e, h, i], 0.05), num_experts: e },
+            shared_experts: (is > 0).then(|| Mlp { gate_proj: lin(is, h), up_proj: lin(is, h), down_proj: lin(h, is) }),
+            shared_expert_gate: (is > 0 && gated).then(|| lin(1, h)),
+            topk_method: TopkMethod::Greedy,
+            mixing: MixingTable { native: m, always: m, never: m },
+        }
+    }
+
+    /// On a GPU: a whole MoE block with the router's top-k inside the kernels and the shared expert
+    /// added there (`Dispatch::Auto` at decode sizes) equals the libtorch path (router linear, softmax,
+    /// stable sort, mixing weights, grouped GEMMs, shared MLP), for DeepSeek-like (ungated shared,
+    /// unnormalised scaled weights), Qwen-like (sigmoid-gated shared, 60 experts) and Mixtral-like (no
+    /// shared) blocks, one and several tokens. Also: a policy-chosen selection (Alloc-T-like ids through
+    /// `Routing::Chosen`) with the shared expert fused.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn fused_top_k_and_shared_expert_match_the_libtorch_block() {
+        use crate::ctx::ForwardCtx;
+        use crate::layers::moe::TokenInfo;
+        use alloc_token::device::DeviceTopK;
+        let dev = Device::Cuda(0);
+        tch::manual_seed(5);
+        for (e, is, gated, renorm, k) in [(64i64, 272i64, false, false, 6usize), (60, 176, true, true, 4), (8, 0, false, true, 2)] {
+            let block = random_block(e, 256, 136, is, gated, renorm);
+            let policy = DeviceTopK { k };
+            assert_eq!(alloc_token::device::DevicePolicy::fixed_top_k(&policy, 3), Some(k));
+            for n in [1i64, 5] {
+                let x = (Tensor::randn([1, n, 256], (Kind::Float, dev))).to_kind(Kind::BFloat16);
+                let tokens = TokenInfo { mask: None, seq_ids: Tensor::zeros([n], (Kind::Int64, dev)) };
+                let mut fused_ctx = ForwardCtx::new(&policy);
+                let got = block.forward(3, &x, &tokens, &mut fused_ctx).expect("fused").to_kind(Kind::Float);
+                let mut ref_ctx = ForwardCtx::new(&policy);
+                ref_ctx.dispatch = Dispatch::Grouped;
+                let want = block.forward(3, &x, &tokens, &mut ref_ctx).expect("grouped").to_kind(Kind::Float);
+                let err = (&got - &want).abs().max().double_value(&[]);
+                let scale = want.abs().max().double_value(&[]);
+                eprintln!("e {e}, shared {is} (gated {gated}), k {k}, n {n}: max |fused top-k - libtorch| = {err:.3e} (of {scale:.3e})");
+                assert!(err <= 0.02 * scale + 1e-3, "fused top-k block differs: {err} vs {scale}");
+            }
+        }
+        // Chosen ids (with empty slots) plus a gated shared expert.
+        let block = random_block(16, 256, 136, 176, true, true);
+        let x = Tensor::randn([3, 256], (Kind::Float, dev)).to_kind(Kind::BFloat16);
+        let ids = Tensor::from_slice(&[1i64, 4, -1, 15, 15, 2, -1, -1, -1]).reshape([3, 3]).to_device(dev);
+        let probs = block.router_probs(&x).expect("probs");
+        let mix = MixWeights::Router { probs: &probs, renormalize: true, scale: 1.0 };
+        let shared = block.shared_experts.as_ref().expect("shared");
+        let gate = block.shared_expert_gate.as_ref().expect("gate");
+        let s = SharedExpert { gate: &shared.gate_proj.weight, up: &shared.up_proj.weight, down: &shared.down_proj.weight, gate_logit: Some(&gate.weight) };
+        let got = block.experts.forward_fused(&x, Routing::Chosen { ids: &ids, mix }, Some(s)).expect("fused").to_kind(Kind::Float);
+        let w = crate::layers::moe::mixing_weights(&probs, &ids, crate::ctx::Renormalize::Native, &block.mixing).expect("w");
+        let routed = block.experts.forward(&x, &ids, &w, Dispatch::Grouped, None).expect("grouped");
+        let sh = shared.forward(&x).expect("shared") * gate.forward(&x).expect("gate").sigmoid();
+        let want = (routed + sh).to_kind(Kind::Float);
+        let err = (&got - &want).abs().max().double_value(&[]);
+        let scale = want.abs().max().double_value(&[]);
+        eprintln!("chosen ids + gated shared: max |fused - libtorch| = {err:.3e} (of {scale:.3e})");
+        assert!(err <= 0.02 * scale + 1e-3, "{err} vs {scale}");
+    }
+}
