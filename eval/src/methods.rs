@@ -97,6 +97,12 @@ impl Method {
         self == Method::Lexi
     }
 
+    /// Whether the method's policy is per-layer top-k with its allocation as the only parameter (two
+    /// such points with equal allocations route every token identically).
+    pub fn is_per_layer_top_k(self) -> bool {
+        matches!(self, Method::Uniform | Method::AllocL | Method::RandomL | Method::GreedyL | Method::Lexi)
+    }
+
     /// Whether the method is tuned on the recorded full-model routing (Alloc-L+T: its retained-mass
     /// curves).
     pub fn needs_calibration_trace(self) -> bool {
@@ -130,6 +136,16 @@ impl ModelShape {
     pub fn full_budget(&self) -> u32 {
         (self.native_k * self.moe_layers.len()) as u32
     }
+}
+
+/// What determines a point's routing completely, for methods where that is the policy kind and the
+/// per-layer allocation (per-layer top-k; see [`Method::is_per_layer_top_k`]); `None` for the others
+/// (token-level and calibrated policies, and `full`, which is evaluated once anyway). Points of one model
+/// and task with equal keys run the same computation, so the sweep evaluates the first and shares its
+/// results with the others.
+pub fn routing_key(method: Method, allocation: Option<&[f64]>) -> Option<String> {
+    let a = allocation.filter(|_| method.is_per_layer_top_k())?;
+    Some(format!("per-layer-top-k {a:?}"))
 }
 
 /// One layer's recorded router probabilities on the host: row-major `[tokens, experts]`.

@@ -81,6 +81,12 @@ pub struct Record {
     /// The profile's predicted loss for the allocation (the additivity check), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predicted_delta: Option<f64>,
+    /// The method whose point (same model and task) was evaluated for this one, when the two route
+    /// identically (the same policy kind with the same per-layer allocation, see
+    /// `methods::routing_key`): the metrics, realized activations and speeds are copied from it, since
+    /// evaluating the same routing again gives the same numbers. `None`: evaluated itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_with: Option<String>,
     /// Code and machine provenance.
     pub provenance: Provenance,
     /// The resolved sweep specification.
@@ -281,6 +287,7 @@ mod tests {
             realized_per_layer: None,
             unique_experts_per_layer: None,
             predicted_delta: Some(0.1),
+            shared_with: None,
             provenance: Provenance::collect(),
             spec: serde_json::json!({}),
         }

@@ -144,6 +144,7 @@ mod tests {
             realized_per_layer: None,
             unique_experts_per_layer: None,
             predicted_delta: None,
+            shared_with: None,
             provenance: Provenance::collect(),
             spec: serde_json::json!({"moe_layers": (1..=26).collect::<Vec<usize>>()}),
         }

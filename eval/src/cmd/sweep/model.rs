@@ -2,6 +2,7 @@
 //! routing, Alloc-L+T's retained-mass curves), then every (task, budget, method) point in order, full
 //! first (the reference of `delta_nll`).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -15,10 +16,10 @@ use super::point::{run_point, PointEnv};
 use super::profiles::{lexi_profile, text_profile, Measured};
 use super::task_data::TaskData;
 use super::{load_tokenizer, model_name};
-use crate::methods::{mass_curves, HostRoute, Inputs, Method, ModelShape};
+use crate::methods::{mass_curves, routing_key, HostRoute, Inputs, Method, ModelShape};
 use crate::profiling::record_host_trace;
 use crate::provenance::Provenance;
-use crate::results::{PointKey, ResultsFile, Status};
+use crate::results::{PointKey, Record, ResultsFile, Status};
 use crate::scorer::Scorer;
 use crate::spec::{budget_label, SweepSpec};
 use crate::tasks::{text, Task};
@@ -46,6 +47,8 @@ pub struct RunCtx<'a> {
 pub struct Tally {
     /// Points run and finished.
     pub ok: usize,
+    /// Finished points that copied the results of an identically routed point.
+    pub shared: usize,
     /// Points run that failed (recorded).
     pub failed: usize,
     /// Retried failed points that failed again with the same error (nothing new recorded).
@@ -60,9 +63,10 @@ impl std::fmt::Display for Tally {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} point(s) ran ({} ok, {} failed, {} of them failing again as before); {} already finished; {} failed kept (--skip-failed)",
+            "{} point(s) ran ({} ok, {} of them sharing an identically routed point's results; {} failed, {} of them failing again as before); {} already finished; {} failed kept (--skip-failed)",
             self.ok + self.failed,
             self.ok,
+            self.shared,
             self.failed,
             self.failed_again,
             self.done_before,
@@ -88,6 +92,15 @@ fn needed<'a, T>(p: &'a Prepared<T>, what: &str) -> std::result::Result<Option<&
         None => Ok(None),
         Some(Ok(v)) => Ok(Some(v)),
         Some(Err(e)) => Err(format!("{what} could not be measured: {e}")),
+    }
+}
+
+/// Keep `r` in `shared` under its routing key if it finished and its routing is determined by its
+/// method and allocation (the first such point of a key stays).
+fn share(shared: &mut BTreeMap<String, Record>, r: &Record) {
+    let method = r.key.method.parse::<Method>().ok();
+    if let (Status::Ok, Some(k)) = (&r.status, method.and_then(|m| routing_key(m, r.allocation.as_deref()))) {
+        shared.entry(k).or_insert_with(|| r.clone());
     }
 }
 
@@ -199,6 +212,12 @@ pub fn run_model(
         bar.set_prefix(format!("{name} / {}", task.name()));
         let env = PointEnv { rc, model: &model, tokenizer: &tokenizer, scorer: &scorer, shape: &shape, task, data, renormalize, record_spec: &record_spec };
         let mut reference: Option<f64> = None;
+        // Finished points of this model and task by routing key: a later point that routes identically
+        // copies their results instead of evaluating the same computation again.
+        let mut shared: BTreeMap<String, Record> = BTreeMap::new();
+        for r in results.latest().into_iter().filter(|r| r.key.model == name && r.key.task == task.name()) {
+            share(&mut shared, r);
+        }
         for (method, frac) in points {
             let key = PointKey { model: name.clone(), method: method.as_str().into(), budget: budget_label(frac), task: task.name() };
             planned.push(key.clone());
@@ -231,7 +250,8 @@ pub fn run_model(
                     seed: spec.seed,
                 })
             })();
-            let record = run_point(&env, &key, method, budget_total, full_budget, inputs, reference);
+            let record = run_point(&env, &key, method, budget_total, full_budget, inputs, reference, &shared);
+            share(&mut shared, &record);
             if method == Method::Full && record.status == Status::Ok {
                 reference = record.metrics.get("nll").copied();
             }
@@ -243,7 +263,10 @@ pub fn run_model(
                 }
                 (status, _) => {
                     match status {
-                        Status::Ok => tally.ok += 1,
+                        Status::Ok => {
+                            tally.ok += 1;
+                            tally.shared += usize::from(record.shared_with.is_some());
+                        }
                         Status::Failed { error } => {
                             say(&bar, format!("{key}: failed: {error}"));
                             tally.failed += 1;

@@ -10,7 +10,7 @@ use moe_models::{Model, Renormalize};
 use super::model::RunCtx;
 use super::speed::measure_speed;
 use super::task_data::TaskData;
-use crate::methods::{build, Inputs, Method, ModelShape};
+use crate::methods::{build, routing_key, Inputs, Method, ModelShape};
 use crate::results::{PointKey, Record, Status, RESULTS_SCHEMA_VERSION};
 use crate::scorer::{ActivationMeter, Scorer};
 use crate::tasks::Task;
@@ -38,7 +38,9 @@ pub struct PointEnv<'a> {
 }
 
 /// Run one point. `inputs` is `Err` when something the method needs could not be measured; `reference`
-/// is the full model's NLL on this task, if known.
+/// is the full model's NLL on this task, if known; `shared` holds the finished points of this model and
+/// task by routing key ([`routing_key`]): a point that routes like one of them copies its results.
+#[allow(clippy::too_many_arguments)]
 pub fn run_point(
     env: &PointEnv<'_>,
     key: &PointKey,
@@ -47,6 +49,7 @@ pub fn run_point(
     full_budget: u32,
     inputs: std::result::Result<Inputs<'_>, String>,
     reference: Option<f64>,
+    shared: &BTreeMap<String, Record>,
 ) -> Record {
     let mut record = Record {
         schema_version: RESULTS_SCHEMA_VERSION,
@@ -60,11 +63,12 @@ pub fn run_point(
         realized_per_layer: None,
         unique_experts_per_layer: None,
         predicted_delta: None,
+        shared_with: None,
         provenance: env.rc.provenance.clone(),
         spec: env.record_spec.clone(),
     };
     let outcome = match inputs {
-        Ok(inputs) => evaluate(env, &mut record, method, budget_total, &inputs, reference),
+        Ok(inputs) => evaluate(env, &mut record, method, budget_total, &inputs, reference, shared),
         Err(e) => Err(anyhow::anyhow!(e)),
     };
     if let Err(e) = outcome {
@@ -73,7 +77,15 @@ pub fn run_point(
     record
 }
 
-fn evaluate(env: &PointEnv<'_>, record: &mut Record, method: Method, budget_total: u32, inputs: &Inputs<'_>, reference: Option<f64>) -> Result<()> {
+fn evaluate(
+    env: &PointEnv<'_>,
+    record: &mut Record,
+    method: Method,
+    budget_total: u32,
+    inputs: &Inputs<'_>,
+    reference: Option<f64>,
+    shared: &BTreeMap<String, Record>,
+) -> Result<()> {
     let spec = env.rc.spec;
     let tm = env.rc.timings;
     let built = tm.time("point: build policy", || build(method, budget_total, env.shape, inputs))?;
@@ -81,6 +93,15 @@ fn evaluate(env: &PointEnv<'_>, record: &mut Record, method: Method, budget_tota
     record.predicted_delta = built.predicted_delta;
     if let Some(o) = record.spec.as_object_mut() {
         o.insert("method_params".into(), built.params.clone());
+    }
+    if let Some(from) = routing_key(method, built.allocation.as_deref()).and_then(|k| shared.get(&k)) {
+        // The same routing on the same inputs: the same metrics (delta_nll included, against the same
+        // reference) and realized activations; the speeds are that routing's measurement.
+        record.metrics = from.metrics.clone();
+        record.realized_per_layer = from.realized_per_layer.clone();
+        record.unique_experts_per_layer = from.unique_experts_per_layer.clone();
+        record.shared_with = Some(from.key.method.clone());
+        return Ok(());
     }
     let mut meter = ActivationMeter::new(&env.shape.moe_layers, env.shape.experts);
     let t = Instant::now();
