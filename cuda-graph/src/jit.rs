@@ -89,6 +89,8 @@ pub enum Arg<'a> {
     I64(i64),
     /// `float`.
     F32(f32),
+    /// `double`.
+    F64(f64),
 }
 
 /// Compile `source` with NVRTC for `arch` (e.g. `sm_90`) without loading it: needs NVRTC but no GPU or
@@ -170,9 +172,10 @@ impl Function {
                 Arg::I32(v) => v as u32 as u64,
                 Arg::I64(v) => v as u64,
                 Arg::F32(v) => v.to_bits() as u64,
+                Arg::F64(v) => v.to_bits(),
             });
         }
-        // The driver reads sizeof(param) bytes at each pointer: 8 for pointers and long long, 4 for int and float,
+        // The driver reads sizeof(param) bytes at each pointer: 8 for pointers, long long and double, 4 for int and float,
         // which are the low bytes of the u64 on a little-endian machine.
         let mut ptrs: Vec<*mut c_void> = values.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
         #[cfg(cuda_graph)]

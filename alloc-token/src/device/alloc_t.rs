@@ -106,6 +106,12 @@ impl DevicePolicy for AllocT {
         }
         let cap = self.cap as i64;
         let (vals, idx) = torch("alloc_t.sort", batch.probs.f_sort_stable(true, 1, true))?;
+        // On CUDA, the batch-wide selection after the per-token sort is one kernel.
+        if self.scope == Scope::Batch || batch.seq_ids.is_none() {
+            if let Some(ids) = super::alloc_t_kernel::select_batch(self, &vals, &idx, batch.mask, k_avg)? {
+                return Ok(ids);
+            }
+        }
         let vals = torch("alloc_t.narrow", vals.f_narrow(1, 0, cap))?;
         let valid = batch.valid()?;
         let floors = torch("alloc_t.floor", valid.f_to_kind(Kind::Int64).and_then(|v| v.f_mul_scalar(self.floor as i64)))?;
