@@ -21,7 +21,8 @@ typedef long long i64;
 #define MAX_WORDS 512  // selection bitmap: up to 16384 candidates (MAX_CANDIDATES in alloc_t_kernel.rs)
 
 __device__ __forceinline__ unsigned order_key(float f) {
-  const unsigned u = __float_as_uint(f);
+  unsigned u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) == 0u) u = 0u;  // -0 ties with +0, as in a sort
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // increasing with f
 }
 
@@ -75,7 +76,7 @@ alloc_t_batch(const float* __restrict__ vals, i64 ldv, const i64* __restrict__ i
     float s = vals[t * ldv + j];
     if (relative) {
       const float top = vals[t * ldv];
-      s = top > 0.f ? s / top : 0.f;
+      s = top > 0.f ? __fdiv_rn(s, top) : 0.f;  // IEEE division, as libtorch (not fast-math)
     }
     return order_key(s);
   };
