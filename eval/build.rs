@@ -14,6 +14,20 @@ fn main() {
         }
     }
     println!("cargo:rerun-if-env-changed=LIBTORCH");
-    // Provenance: the git commit the binary was built from (results record it too, at run time).
+    // Provenance: the git commit the binary was built from (results also record the commit of the tree
+    // it runs in, which differs when the binary is carried to another machine).
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let sha = git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    println!("cargo:rustc-env=ALLOC_MOE_BUILD_SHA={sha}{}", if dirty { "-dirty" } else { "" });
+    println!("cargo:rerun-if-changed=../.git/HEAD");
+    println!("cargo:rerun-if-changed=../.git/refs/heads");
     println!("cargo:rerun-if-changed=build.rs");
 }

@@ -12,6 +12,10 @@ pub struct Provenance {
     pub git_sha: String,
     /// Whether tracked files had uncommitted changes.
     pub git_dirty: bool,
+    /// The commit the binary was built from (`-dirty` when its tree had uncommitted changes); differs
+    /// from `git_sha` when a binary built elsewhere runs in an older copy of the tree (the GPU recipe).
+    #[serde(default)]
+    pub build_sha: String,
     /// The eval crate's version.
     pub version: String,
     /// Host name (from /etc/hostname), for telling machines apart.
@@ -39,6 +43,7 @@ impl Provenance {
         Self {
             git_sha,
             git_dirty,
+            build_sha: env!("ALLOC_MOE_BUILD_SHA").to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             host,
             started_utc: utc_now_rfc3339(),
