@@ -5,7 +5,10 @@
 use alloc_token::device::DevicePolicy;
 use anyhow::{Context, Result};
 use moe_models::{ForwardCtx, Model, Renormalize, RoutingTrace};
+use moe_models::layers::decoder::Step;
 use tch::{Device, Kind, Tensor};
+
+use crate::stack::Stack;
 
 /// Per-layer realized activation counters, kept on the device until [`ActivationMeter::finish`].
 #[derive(Debug)]
@@ -100,6 +103,17 @@ pub struct Scorer<'m> {
     pub head_chunk: usize,
 }
 
+/// The part of every forward pass over some text that no routing policy changes: per batch, the token
+/// ids, the plan, and the residual stream after the attention half of the first MoE layer (everything
+/// before it is dense). [`Scorer::text_nll_from`] runs the rest under a policy.
+pub struct TextPrefix<'m> {
+    stack: &'m dyn Stack,
+    /// The first MoE layer.
+    layer: usize,
+    /// Per batch: `(rows, len)` ids, the residual stream `(rows, len, h)`, the pass's plan.
+    batches: Vec<(Tensor, Tensor, Step<'m>)>,
+}
+
 /// Summed NLL over scored tokens.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NllSum {
@@ -148,6 +162,57 @@ impl<'m> Scorer<'m> {
             }
             total.nll += s;
             total.tokens += (chunk.len() * (len - 1)) as u64;
+        }
+        Ok(total)
+    }
+
+    /// The policy-independent prefix of [`Self::text_nll`]'s passes over `seqs` (the same batches), or
+    /// `None` when `crate::stack` does not reach the model's layers or it has no MoE layer.
+    pub fn text_prefix(&self, seqs: &[Vec<i64>]) -> Result<Option<TextPrefix<'m>>> {
+        let _guard = tch::no_grad_guard();
+        let (Some(stack), Some(&layer)) = (crate::stack::stack_of(self.model), self.model.info().moe_layers.first()) else {
+            return Ok(None);
+        };
+        // No layer before `layer` routes; the policy only has to exist.
+        let policy = alloc_token::TopK::new(self.model.info().native_k);
+        let mut batches = Vec::new();
+        for ids in self.batches(seqs)? {
+            let (mut x, step) = stack.begin(&ids).context("embedding")?;
+            let mut ctx = ForwardCtx::new(&policy).with_renormalize(self.renormalize);
+            for i in 0..layer {
+                x = stack.attention(i, &x, &step, &mut ctx)?;
+                x = stack.feed_forward(i, &x, &step, &mut ctx)?;
+            }
+            x = stack.attention(layer, &x, &step, &mut ctx)?;
+            batches.push((ids, x, step));
+        }
+        Ok(Some(TextPrefix { stack, layer, batches }))
+    }
+
+    /// [`Self::text_nll`] of the sequences `prefix` was made from, running only the policy-dependent
+    /// rest of each pass: the same bits, and the same realized activations in `meter`.
+    pub fn text_nll_from(&self, prefix: &TextPrefix<'_>, policy: &dyn DevicePolicy, meter: Option<&mut ActivationMeter>) -> Result<NllSum> {
+        let _guard = tch::no_grad_guard();
+        let mut meter = meter;
+        let mut total = NllSum::default();
+        for (ids, x, step) in &prefix.batches {
+            let mut trace = RoutingTrace::new();
+            let hidden = {
+                let mut ctx = ForwardCtx::new(policy).with_renormalize(self.renormalize);
+                if meter.is_some() {
+                    ctx = ctx.with_trace(&mut trace);
+                }
+                crate::stack::run_from_feed_forward(prefix.stack, prefix.layer, x, step, &mut ctx).context("forward pass")?
+            };
+            if let Some(m) = meter.as_deref_mut() {
+                m.add(&mut trace)?;
+            }
+            let s = self.hidden_nll(&hidden, ids)?;
+            if !s.is_finite() {
+                anyhow::bail!("the loss is {s} (not finite) under policy {}", policy.name());
+            }
+            total.nll += s;
+            total.tokens += (ids.size()[0] * (ids.size()[1] - 1)) as u64;
         }
         Ok(total)
     }
@@ -334,5 +399,39 @@ impl<'m> Scorer<'m> {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc_token::{AllocT, TopK};
+
+    #[test]
+    fn text_nll_from_the_prefix_equals_whole_passes_bit_for_bit() {
+        for fixture in ["deepseek_v2/lite_yarn", "mixtral/gqa_window", "qwen2_moe/shared_dense_raw"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../moe-models/tests/fixtures").join(fixture);
+            let model = moe_models::load(&dir, Device::Cpu, Kind::Float).unwrap();
+            let info = model.info().clone();
+            // Three batches of two 32-token rows (the last one short), head chunks that split batches.
+            let scorer = Scorer { model: &model, renormalize: Renormalize::Native, batch_tokens: 64, head_chunk: 48 };
+            let seqs: Vec<Vec<i64>> =
+                (0..5).map(|s| (0..32).map(|i| ((s * 31 + i * 7) % info.vocab_size) as i64).collect()).collect();
+            let prefix = scorer.text_prefix(&seqs).unwrap().unwrap();
+            let k = info.native_k;
+            let policies: Vec<Box<dyn DevicePolicy>> =
+                vec![Box::new(TopK::new(k)), Box::new(TopK::new(1)), Box::new(AllocT::new(1.5f64.min(k as f64), k))];
+            for p in &policies {
+                let mut whole = ActivationMeter::new(&info.moe_layers, info.n_routed_experts);
+                let mut from = ActivationMeter::new(&info.moe_layers, info.n_routed_experts);
+                let a = scorer.text_nll(p.as_ref(), &seqs, Some(&mut whole)).unwrap();
+                let b = scorer.text_nll_from(&prefix, p.as_ref(), Some(&mut from)).unwrap();
+                assert_eq!(a.nll.to_bits(), b.nll.to_bits(), "{fixture} {}: {} vs {}", p.name(), a.nll, b.nll);
+                assert_eq!(a.tokens, b.tokens);
+                let (w, f) = (whole.finish().unwrap(), from.finish().unwrap());
+                assert_eq!(w.per_layer, f.per_layer, "{fixture} {}", p.name());
+                assert_eq!(w.unique_per_layer, f.unique_per_layer, "{fixture} {}", p.name());
+            }
+        }
     }
 }

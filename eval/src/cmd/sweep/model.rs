@@ -210,7 +210,24 @@ pub fn run_model(
                 .progress_chars("=> "),
         );
         bar.set_prefix(format!("{name} / {}", task.name()));
-        let env = PointEnv { rc, model: &model, tokenizer: &tokenizer, scorer: &scorer, shape: &shape, task, data, renormalize, record_spec: &record_spec };
+        // Every point of a text task starts its passes from the same residual stream at the first MoE
+        // layer; it is computed once.
+        let prefix = match data {
+            TaskData::Text { sequences, .. } => tm.time("text prefix", || scorer.text_prefix(sequences))?,
+            _ => None,
+        };
+        let env = PointEnv {
+            rc,
+            model: &model,
+            tokenizer: &tokenizer,
+            scorer: &scorer,
+            shape: &shape,
+            task,
+            data,
+            prefix: prefix.as_ref(),
+            renormalize,
+            record_spec: &record_spec,
+        };
         let mut reference: Option<f64> = None;
         // Finished points of this model and task by routing key: a later point that routes identically
         // copies their results instead of evaluating the same computation again.

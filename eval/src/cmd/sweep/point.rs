@@ -12,7 +12,7 @@ use super::speed::measure_speed;
 use super::task_data::TaskData;
 use crate::methods::{build, routing_key, Inputs, Method, ModelShape};
 use crate::results::{PointKey, Record, Status, RESULTS_SCHEMA_VERSION};
-use crate::scorer::{ActivationMeter, Scorer};
+use crate::scorer::{ActivationMeter, Scorer, TextPrefix};
 use crate::tasks::Task;
 
 /// What the points of one (model, task) share.
@@ -31,6 +31,8 @@ pub struct PointEnv<'a> {
     pub task: &'a Task,
     /// Its prepared inputs.
     pub data: &'a TaskData,
+    /// The policy-independent start of the task's passes, for a text task (see [`TaskData::evaluate`]).
+    pub prefix: Option<&'a TextPrefix<'a>>,
     /// Mixing rule for reduced k.
     pub renormalize: Renormalize,
     /// The spec as recorded, with the model's facts.
@@ -105,7 +107,7 @@ fn evaluate(
     }
     let mut meter = ActivationMeter::new(&env.shape.moe_layers, env.shape.experts);
     let t = Instant::now();
-    let metrics = tm.time("point: evaluate", || env.data.evaluate(env.scorer, env.model, env.tokenizer, built.policy.as_ref(), &mut meter, spec))?;
+    let metrics = tm.time("point: evaluate", || env.data.evaluate(env.scorer, env.prefix, env.model, env.tokenizer, built.policy.as_ref(), &mut meter, spec))?;
     record.metrics.extend(metrics);
     record.metrics.insert("eval_seconds".into(), t.elapsed().as_secs_f64());
     let realized = tm.time("point: evaluate", || meter.finish())?;

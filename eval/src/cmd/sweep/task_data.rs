@@ -7,7 +7,7 @@ use alloc_token::device::DevicePolicy;
 use anyhow::{Context, Result};
 use moe_models::{ForwardCtx, Model};
 
-use crate::scorer::{ActivationMeter, Scorer};
+use crate::scorer::{ActivationMeter, Scorer, TextPrefix};
 use crate::spec::SweepSpec;
 use crate::tasks::{self, olmo, text, Task};
 
@@ -103,10 +103,14 @@ impl TaskData {
         }
     }
 
-    /// The task's metrics under `policy`, accumulating realized activations into `meter`.
+    /// The task's metrics under `policy`, accumulating realized activations into `meter`. A text task
+    /// with a `prefix` (its sequences' [`Scorer::text_prefix`]) runs only the policy-dependent rest of
+    /// each pass, with the same results.
+    #[allow(clippy::too_many_arguments)]
     pub fn evaluate(
         &self,
         scorer: &Scorer<'_>,
+        prefix: Option<&TextPrefix<'_>>,
         model: &Model,
         tok: &tokenizers::Tokenizer,
         policy: &dyn DevicePolicy,
@@ -116,7 +120,10 @@ impl TaskData {
         let mut m = BTreeMap::new();
         match self {
             TaskData::Text { sequences, bytes } => {
-                let s = scorer.text_nll(policy, sequences, Some(meter))?;
+                let s = match prefix {
+                    Some(p) => scorer.text_nll_from(p, policy, Some(meter))?,
+                    None => scorer.text_nll(policy, sequences, Some(meter))?,
+                };
                 m.insert("nll".into(), s.mean());
                 m.insert("ppl".into(), s.mean().exp());
                 // Bits per byte over the scored tokens: every sequence's first token is context only, so the
