@@ -1,11 +1,11 @@
-//! On a GPU: Alloc-T's batch-wide selection kernel (`device::alloc_t_kernel`) selects exactly the ids
-//! of the libtorch device path run on the CPU. Run on a CUDA machine:
+//! On a GPU: alloc-token's kernels (`device::kernels`) select exactly the ids of the libtorch device path
+//! run on the CPU: the row top-k, Alloc-T for small batches (one block) and for large ones. Run on a CUDA machine:
 //! `cargo test -p alloc-token --features tch --test alloc_t_kernel_gpu -- --ignored`.
 
 #![cfg(feature = "tch")]
 #![allow(clippy::unwrap_used)]
 
-use alloc_token::device::alloc_t_kernel::select_batch;
+use alloc_token::device::kernels::{alloc_t_large, alloc_t_small, sorted_prefix};
 use alloc_token::device::{DeviceBatch, DevicePolicy};
 use alloc_token::{AllocT, Scope, Score};
 use tch::{Device, Kind, Tensor};
@@ -19,7 +19,7 @@ fn kernel_equals_the_libtorch_path() {
     let dev = Device::Cuda(0);
     tch::manual_seed(21);
     let mut cases = 0;
-    for &(t, e) in &[(1i64, 8i64), (7, 8), (300, 16), (1000, 64), (2730, 64)] {
+    for &(t, e) in &[(1i64, 8i64), (7, 8), (300, 16), (1000, 64), (2730, 64), (8192, 64)] {
         for &(floor, cap) in &[(1usize, 2usize), (1, 6), (0, 4), (2, 8)] {
             if cap as i64 > e {
                 continue;
@@ -34,17 +34,29 @@ fn kernel_equals_the_libtorch_path() {
                 let cpu = DevicePolicy::select(&p, 0, &DeviceBatch { probs: &probs, mask: mask.as_ref(), seq_ids: None }).expect("cpu");
                 let (gp, gm) = (probs.to_device(dev), mask.as_ref().map(|m| m.to_device(dev)));
                 let (vals, idx) = gp.sort_stable(true, 1, true);
-                let direct = select_batch(&p, &vals, &idx, gm.as_ref(), k).expect("kernel").expect("kernel applies");
+                let (pv, pi) = sorted_prefix(&gp, cap as i64).expect("prefix").expect("prefix applies");
+                assert!(pv.equal(&vals.narrow(1, 0, cap as i64)) && pi.equal(&idx.narrow(1, 0, cap as i64)), "row top-k != sort");
+                let what = format!("t {t} e {e} floor {floor} cap {cap} k {k} rel {relative} mask {masked}");
+                if t * ((cap - floor) as i64) <= 16384 {
+                    let small = alloc_t_small(&p, &vals, &idx, gm.as_ref(), k).expect("kernel").expect("small applies");
+                    assert!(small.to_device(Device::Cpu).equal(&cpu), "small kernel != libtorch: {what}");
+                }
+                let large = alloc_t_large(&p, &pv, &pi, gm.as_ref(), k).expect("kernel").expect("large applies");
+                assert!(large.to_device(Device::Cpu).equal(&cpu), "large kernels != libtorch: {what}");
                 let gpu = DevicePolicy::select(&p, 0, &DeviceBatch { probs: &gp, mask: gm.as_ref(), seq_ids: None }).expect("gpu");
-                assert!(direct.to_device(Device::Cpu).equal(&cpu), "kernel != libtorch: t {t} e {e} floor {floor} cap {cap} k {k} rel {relative} mask {masked}");
-                assert!(gpu.to_device(Device::Cpu).equal(&cpu));
+                assert!(gpu.to_device(Device::Cpu).equal(&cpu), "select != libtorch: {what}");
                 cases += 1;
             }
         }
     }
     eprintln!("alloc_t kernel == libtorch path on {cases} cases");
-    // Above the size limit the kernel declines (the libtorch path is faster there).
+    // Above its size limit the one-block kernel declines (the large-batch kernels are faster there).
     let probs = Tensor::rand([8192, 64], (Kind::Float, dev)).softmax(-1, Kind::Float);
     let (vals, idx) = probs.sort_stable(true, 1, true);
-    assert!(select_batch(&AllocT::new(3.0, 6), &vals, &idx, None, 3.0).expect("no error").is_none());
+    assert!(alloc_t_small(&AllocT::new(3.0, 6), &vals, &idx, None, 3.0).expect("no error").is_none());
+    // Top-k through the row kernel equals the CPU path too.
+    let topk = alloc_token::TopK { k: 6 };
+    let gpu = DevicePolicy::select(&topk, 0, &DeviceBatch { probs: &probs, mask: None, seq_ids: None }).expect("gpu");
+    let cpu = DevicePolicy::select(&topk, 0, &DeviceBatch { probs: &probs.to_device(Device::Cpu), mask: None, seq_ids: None }).expect("cpu");
+    assert!(gpu.to_device(Device::Cpu).equal(&cpu));
 }

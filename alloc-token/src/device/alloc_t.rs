@@ -105,10 +105,17 @@ impl DevicePolicy for AllocT {
             return empty_selection(self.cap, batch.probs.device());
         }
         let cap = self.cap as i64;
-        let (vals, idx) = torch("alloc_t.sort", batch.probs.f_sort_stable(true, 1, true))?;
-        // On CUDA, the batch-wide selection after the per-token sort is one kernel.
+        // On CUDA: each row's first `cap` sorted experts by one kernel, then the batch-wide selection by
+        // kernels (one block for small batches, kernels around one sort for large ones).
+        let (vals, idx) = match super::kernels::sorted_prefix(batch.probs, cap)? {
+            Some(prefix) => prefix,
+            None => torch("alloc_t.sort", batch.probs.f_sort_stable(true, 1, true))?,
+        };
         if self.scope == Scope::Batch || batch.seq_ids.is_none() {
-            if let Some(ids) = super::alloc_t_kernel::select_batch(self, &vals, &idx, batch.mask, k_avg)? {
+            if let Some(ids) = super::kernels::alloc_t_small(self, &vals, &idx, batch.mask, k_avg)? {
+                return Ok(ids);
+            }
+            if let Some(ids) = super::kernels::alloc_t_large(self, &vals, &idx, batch.mask, k_avg)? {
                 return Ok(ids);
             }
         }

@@ -18,7 +18,7 @@ use tch::{Device, Kind, Tensor};
 
 pub mod accounting;
 pub mod alloc_t;
-pub mod alloc_t_kernel;
+pub mod kernels;
 pub mod nucleus;
 pub mod random;
 pub mod skip;
@@ -178,7 +178,7 @@ mod tests {
     fn device_policies_never_synchronise_with_the_host() {
         let files = [
             ("alloc_t.rs", include_str!("alloc_t.rs")),
-            ("alloc_t_kernel.rs", include_str!("alloc_t_kernel.rs")),
+            ("kernels.rs", include_str!("kernels.rs")),
             ("nucleus.rs", include_str!("nucleus.rs")),
             ("threshold.rs", include_str!("threshold.rs")),
             ("skip.rs", include_str!("skip.rs")),

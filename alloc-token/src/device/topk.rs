@@ -13,8 +13,11 @@ fn first_k(policy: &str, layer: usize, k: usize, batch: &DeviceBatch<'_>) -> Dev
     if t == 0 {
         return empty_selection(k, batch.probs.device());
     }
-    let ids = sorted_experts(batch.probs)?;
-    let ids = torch("narrow", ids.f_narrow(1, 0, k as i64))?;
+    // On CUDA one kernel ranks each row's first k; elsewhere the full stable sort.
+    let ids = match super::kernels::sorted_prefix(batch.probs, k as i64)? {
+        Some((_, ids)) => ids,
+        None => torch("narrow", sorted_experts(batch.probs)?.f_narrow(1, 0, k as i64))?,
+    };
     mask_padding(ids, batch.mask)
 }
 

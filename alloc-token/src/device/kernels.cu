@@ -1,4 +1,9 @@
-// Alloc-T with a batch-wide budget in one kernel on the GPU (one block), after the per-token sort: the
+// alloc-token's CUDA kernels, compiled at run time by NVRTC (kernels.rs has the safe wrappers):
+//   row_topk       each row's `width` most probable experts in stable descending order (one warp a row);
+//   alloc_t_batch  Alloc-T's batch-wide selection for small batches in one block (below);
+//   alloc_t_scores / alloc_t_count / alloc_t_emit  the same for large batches around one libtorch sort.
+//
+// alloc_t_batch: Alloc-T with a batch-wide budget in one kernel on the GPU (one block), after the per-token sort: the
 // rule of the host reference (alloc_t.rs) and of the libtorch device path, without the global sort of
 // the candidates that the libtorch path needs.
 //
@@ -144,4 +149,90 @@ alloc_t_batch(const float* __restrict__ vals, i64 ldv, const i64* __restrict__ i
     }
     for (int j = 0; j < cap; ++j) ids[(i64)t * cap + j] = j < count ? idx[t * ldi + j] : -1;
   }
+}
+
+#define ROW_WARPS 8
+#define MAX_E 1024
+
+// grid ceil(T / ROW_WARPS), block 32 * ROW_WARPS: warp w of block b takes row t = b * ROW_WARPS + w of
+// probs (T, E) f32 (row stride ldp) and writes its W largest values and their column indices in
+// descending order, ties to the lower index (a stable descending sort's first W columns; NaN ranks
+// above +inf, -0 ties with +0) to vals (T, W) f32 and idx (T, W) i64. E <= MAX_E, W <= E.
+extern "C" __global__ void __launch_bounds__(32 * ROW_WARPS)
+row_topk(const float* __restrict__ probs, i64 ldp, int T, int E, int W, float* __restrict__ vals,
+         i64* __restrict__ idx) {
+  __shared__ unsigned keys[ROW_WARPS][MAX_E];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int t = blockIdx.x * ROW_WARPS + warp;
+  if (t >= T) return;  // whole warps only: no block-wide barrier below
+  const float* row = probs + t * ldp;
+  unsigned* k = keys[warp];
+  for (int j = lane; j < E; j += 32) k[j] = order_key(row[j]);
+  __syncwarp();
+  for (int j = lane; j < E; j += 32) {
+    const unsigned kj = k[j];
+    int rank = 0;
+    for (int i = 0; i < E; ++i) {
+      const unsigned ki = k[i];
+      rank += (ki > kj) || (ki == kj && i < j);
+    }
+    if (rank < W) {
+      vals[(i64)t * W + rank] = row[j];
+      idx[(i64)t * W + rank] = j;
+    }
+  }
+}
+
+// Large-batch Alloc-T, step 1. grid ceil(n / 256), block 256, n = T * c candidates (c = cap - floor):
+// flat[q] for q = r * T + t is the score of token t's candidate r (column floor + r of its sorted values
+// vals, row stride ldv), -inf for padding tokens. A stable descending sort of flat (libtorch) then
+// orders candidates by (score desc, rank asc, token asc), exactly as the libtorch path does.
+extern "C" __global__ void alloc_t_scores(const float* __restrict__ vals, i64 ldv,
+                                          const unsigned char* __restrict__ valid, int T, int floor_k, int c,
+                                          int relative, float* __restrict__ flat) {
+  const i64 q = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (q >= (i64)T * c) return;
+  const int t = (int)(q % T), j = floor_k + (int)(q / T);
+  if (valid != 0 && !valid[t]) {
+    flat[q] = __int_as_float(0xff800000);  // -inf
+    return;
+  }
+  float s = vals[t * ldv + j];
+  if (relative) {
+    const float top = vals[t * ldv];
+    s = top > 0.f ? __fdiv_rn(s, top) : 0.f;  // IEEE division, as libtorch
+  }
+  flat[q] = s;
+}
+
+// Large-batch Alloc-T, step 2. grid ceil(n / 1024), block 1024: every block counts the valid tokens v
+// itself, takes R = floor(v * k_avg + 0.5) - floor * v (f64, as the libtorch path), and for the sorted
+// positions p < R in its range adds one to counts[token of order[p]] (int atomics: exact). counts (T) i32
+// zeroed by the caller.
+extern "C" __global__ void __launch_bounds__(THREADS)
+alloc_t_count(const i64* __restrict__ order, const unsigned char* __restrict__ valid, int T, int c,
+              int floor_k, double k_avg, int* __restrict__ counts) {
+  __shared__ unsigned scan[THREADS + 1];
+  unsigned mine = 0;
+  for (int t = threadIdx.x; t < T; t += THREADS) mine += (valid == 0 || valid[t]) ? 1u : 0u;
+  unsigned v;
+  (void)block_exclusive_scan(mine, scan, &v);
+  const double pairs = floor(__dadd_rn(__dmul_rn((double)v, k_avg), 0.5));
+  const long long R = (long long)pairs - (long long)v * floor_k;
+  const i64 p = (i64)blockIdx.x * THREADS + threadIdx.x;
+  if (p >= R || p >= (i64)T * c) return;
+  const int t = (int)(order[p] % T);
+  if (valid == 0 || valid[t]) atomicAdd(&counts[t], 1);
+}
+
+// Large-batch Alloc-T, step 3. grid ceil(T * cap / 256), block 256: ids[t, j] = idx[t, j] (row stride
+// ldi) for j < floor + counts[t] of valid tokens, -1 elsewhere (prefix_ids).
+extern "C" __global__ void alloc_t_emit(const i64* __restrict__ idx, i64 ldi, const int* __restrict__ counts,
+                                        const unsigned char* __restrict__ valid, int T, int cap, int floor_k,
+                                        i64* __restrict__ ids) {
+  const i64 q = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (q >= (i64)T * cap) return;
+  const int t = (int)(q / cap), j = (int)(q % cap);
+  const bool ok = valid == 0 || valid[t];
+  ids[q] = (ok && j < floor_k + counts[t]) ? idx[t * ldi + j] : -1;
 }
