@@ -356,7 +356,7 @@ impl Attention {
                 bias: &plan.bias,
                 w_uv_t: &self.w_uv_t,
                 scale: self.scale,
-            })?; // (b, t, nh, v): decode steps on CUDA, one kernel
+            })?; // (b, t, nh, v): decode steps on CUDA, run-time compiled kernels
             match fused {
                 Some(o) => o,
                 None => {

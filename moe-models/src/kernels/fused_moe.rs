@@ -193,7 +193,8 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
     };
     // One output row per warp (more rows per warp measured slower on the H200: fewer warps in flight).
     let grid_gu = [rows(i.max(is_)), (n * w + if is_ > 0 { n } else { 0 }) as u32, 1];
-    let grid_down = [rows(h), n as u32, 1];
+    let grid_down = [h as u32, n as u32, 1];
+    let block_down = [32 * (w + i64::from(is_ > 0)).clamp(1, 8) as u32, 1, 1];
     match routing {
         Routing::Chosen { ids, mix } => {
             // Rows of ids may be strided (a policy's narrowed sort); elements must be adjacent.
@@ -216,7 +217,7 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
                 Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(ld as i32),
                 Arg::I32(is_ as i32), Arg::I32(gather), Arg::I32(renorm), Arg::F32(scale as f32),
             ];
-            launch(k[2], grid_down, block, &dn)?;
+            launch(k[2], grid_down, block_down, &dn)?;
         }
         Routing::TopK { router, renormalize, scale, .. } => {
             let logits = f32s(&[n, e])?;
@@ -237,7 +238,7 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
                 Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(w as i32),
                 Arg::I32(is_ as i32), Arg::I32(0), Arg::I32(0), Arg::F32(1.0),
             ];
-            launch(k[2], grid_down, block, &dn)?;
+            launch(k[2], grid_down, block_down, &dn)?;
         }
     }
     Ok(out)

@@ -1,11 +1,12 @@
-//! DeepSeek-V2's absorbed multi-head latent attention for decode steps in one kernel (`mla_decode.cu`).
+//! DeepSeek-V2's absorbed multi-head latent attention for decode steps in four small kernels over many SMs
+//! (`mla_decode.cu`: query absorption, split partial softmaxes, merge, value absorption).
 
 use std::sync::OnceLock;
 
 use cuda_graph::jit::Arg;
 use tch::{Kind, Tensor};
 
-use super::{compiled, launch_shared, Compiled};
+use super::{compiled, launch, launch_shared, Compiled};
 use crate::error::Result;
 
 static MLA: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
@@ -35,7 +36,7 @@ pub struct MlaDecode<'a> {
 /// The most `b * t` query tokens [`mla_decode`] takes (decode steps; prefill uses fused sdpa).
 pub const MLA_DECODE_MAX_QUERIES: i64 = 64;
 
-/// DeepSeek-V2 attention for decode steps in one kernel (`mla_decode.cu`): `(b, t, nh, v)` bf16, or
+/// DeepSeek-V2 attention for decode steps in four kernels (`mla_decode.cu`): `(b, t, nh, v)` bf16, or
 /// `None` when the kernel does not apply (not CUDA bf16, too many queries or slots for shared memory,
 /// unsupported sizes, or it did not compile) and the caller uses libtorch.
 pub fn mla_decode(a: &MlaDecode<'_>) -> Result<Option<Tensor>> {
@@ -60,36 +61,55 @@ pub fn mla_decode(a: &MlaDecode<'_>) -> Result<Option<Tensor>> {
         && [a.q_pe, a.w_uk, a.w_uv_t, a.bias].iter().all(|x| x.is_contiguous())
         && a.bias.kind() == Kind::Float
         && a.bias.device() == device;
-    let shared_bytes = (2 * rank + rope + 320 + s) * 4;
-    // Slot rows are read 16 bytes at a time.
+    // Slot splits of about 32 slots (flash-decoding), at most 32.
+    let splits = ((s + 31) / 32).clamp(1, 32);
+    let per = (s + splits - 1) / splits;
+    let part_shared = (rank + rope + 2048 + per + 64) * 4;
+    // Rows are read 16 bytes at a time.
     let aligned = |x: &Tensor, strides: &[i64]| x.data_ptr() as usize % 16 == 0 && strides.iter().all(|st| st % 8 == 0);
     let sizes_ok = b * t <= MLA_DECODE_MAX_QUERIES
-        && rank % 8 == 0
+        && s > 0
+        && rank % 256 == 0
+        && (256..=2048).contains(&rank)
         && rope % 8 == 0
-        && rank > 0
+        && rope <= 256
         && (1..=256).contains(&nope)
-        && (1..=256).contains(&v)
-        && shared_bytes <= 48 * 1024
+        && v % 8 == 0
+        && v > 0
+        && part_shared <= 48 * 1024
         && aligned(a.ckv, &a.ckv.stride()[..2])
-        && aligned(a.kpe, &a.kpe.stride()[..2]);
+        && aligned(a.kpe, &a.kpe.stride()[..2])
+        && aligned(a.w_uk, &[])
+        && aligned(a.w_uv_t, &[]);
     if !(shapes_ok && bf16 && layout && sizes_ok) {
         return Ok(None);
     }
-    let Ok(k) = compiled(&MLA, device, "mla_decode.cu", MLA_SOURCE, &["mla_decode"]) else {
+    let Ok(k) = compiled(&MLA, device, "mla_decode.cu", MLA_SOURCE, &["mla_q", "mla_part", "mla_combine", "mla_out"]) else {
         return Ok(None);
     };
+    let bt = b * t;
+    let f32s = |shape: &[i64]| Tensor::f_empty(shape, (Kind::Float, device));
+    let (qlat, olat) = (f32s(&[bt, nh, rank])?, f32s(&[bt, nh, rank])?);
+    let (part_o, part_ml) = (f32s(&[bt, nh, splits, rank])?, f32s(&[bt, nh, splits, 2])?);
     let out = Tensor::f_empty([b, t, nh, v], (Kind::BFloat16, device))?;
     let (qs, cs, ks) = (a.q_nope.stride(), a.ckv.stride(), a.kpe.stride());
-    let args = [
-        Arg::Tensor(a.q_nope), Arg::I64(qs[0]), Arg::I64(qs[1]), Arg::I64(qs[2]),
-        Arg::Tensor(a.q_pe), Arg::Tensor(a.w_uk),
-        Arg::Tensor(a.ckv), Arg::I64(cs[0]), Arg::I64(cs[1]),
-        Arg::Tensor(a.kpe), Arg::I64(ks[0]), Arg::I64(ks[1]),
-        Arg::Tensor(a.bias), Arg::Tensor(a.w_uv_t), Arg::Tensor(&out),
-        Arg::I32(nh as i32), Arg::I32(t as i32), Arg::I32(s as i32), Arg::I32(nope as i32), Arg::I32(rope as i32),
-        Arg::I32(rank as i32), Arg::I32(v as i32), Arg::F32(a.scale as f32),
+    let (nh32, t32, r32) = (nh as i32, t as i32, rank as i32);
+    let q_args = [
+        Arg::Tensor(a.q_nope), Arg::I64(qs[0]), Arg::I64(qs[1]), Arg::I64(qs[2]), Arg::Tensor(a.w_uk), Arg::Tensor(&qlat),
+        Arg::I32(nh32), Arg::I32(t32), Arg::I32(nope as i32), Arg::I32(r32),
     ];
-    launch_shared(k[0], [nh as u32, (b * t) as u32, 1], [256, 1, 1], shared_bytes as u32, &args)?;
+    launch(k[0], [nh as u32, (rank / 256) as u32, bt as u32], [256, 1, 1], &q_args)?;
+    let part_args = [
+        Arg::Tensor(&qlat), Arg::Tensor(a.q_pe), Arg::Tensor(a.ckv), Arg::I64(cs[0]), Arg::I64(cs[1]), Arg::Tensor(a.kpe),
+        Arg::I64(ks[0]), Arg::I64(ks[1]), Arg::Tensor(a.bias), Arg::Tensor(&part_o), Arg::Tensor(&part_ml), Arg::I32(nh32),
+        Arg::I32(t32), Arg::I32(s as i32), Arg::I32(rope as i32), Arg::I32(r32), Arg::I32(splits as i32),
+        Arg::F32(a.scale as f32),
+    ];
+    launch_shared(k[1], [nh as u32, splits as u32, bt as u32], [256, 1, 1], part_shared as u32, &part_args)?;
+    let c_args = [Arg::Tensor(&part_o), Arg::Tensor(&part_ml), Arg::Tensor(&olat), Arg::I32(nh32), Arg::I32(splits as i32), Arg::I32(r32)];
+    launch(k[2], [nh as u32, bt as u32, 1], [256, 1, 1], &c_args)?;
+    let o_args = [Arg::Tensor(&olat), Arg::Tensor(a.w_uv_t), Arg::Tensor(&out), Arg::I32(nh32), Arg::I32(t32), Arg::I32(r32), Arg::I32(v as i32)];
+    launch(k[3], [nh as u32, (v / 8) as u32, bt as u32], [256, 1, 1], &o_args)?;
     Ok(Some(out))
 }
 

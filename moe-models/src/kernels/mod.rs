@@ -6,7 +6,7 @@
 //!   three kernels: the routed experts read straight from the stacked weights, optionally the router's
 //!   top-k and the shared expert too, replacing ~30 libtorch kernels;
 //! - [`moe_combine`] and [`swiglu`] (`grouped.rs`): the grouped path for many tokens (prefill);
-//! - [`mla_decode`] (`mla.rs`): DeepSeek-V2's absorbed attention for decode steps in one kernel;
+//! - [`mla_decode`] (`mla.rs`): DeepSeek-V2's absorbed attention for decode steps in four small kernels;
 //! - [`rotary`] (`rotary.rs`): the rotary embedding in one kernel instead of five.
 //!
 //! `common.cuh` (bf16 words, dot products, reductions) is prepended to every `.cu` file.

@@ -190,30 +190,39 @@ __device__ __forceinline__ float row_dot(const bf16* __restrict__ wr, const floa
   return acc;
 }
 
-// grid (ceil(H / warps), T), block (32 * warps). act (T * W, I) f32, ids (T, W) i64 (row stride ld), mix
+// grid (H, T), block (32 * warps), warps = min(W + (Is > 0), 8): one output c of token t per block; warp w
+// takes slots w, w + warps, ... (then the shared expert as one more unit), and the warps' sums meet in
+// shared memory in warp order (deterministic). act (T * W, I) f32, ids (T, W) i64 (row stride ld), mix
 // (see slot_weight), w_d (E, H, I) bf16, out (T, H) bf16. With Is > 0, adds g[t] (1 when g is null)
-// times the shared expert's down row s_d (H, Is) bf16 applied to act_s (T, Is) f32.
+// times the shared expert's down row s_d (H, Is) bf16 applied to act_s (T, Is) f32. Spreading a row's
+// slots over warps keeps ~7x more loads in flight than one warp per row (measured on the H200).
 extern "C" __global__ void moe_down(const float* __restrict__ act, const i64* __restrict__ ids,
                                     const float* __restrict__ mix, const bf16* __restrict__ w_d,
                                     bf16* __restrict__ out, const float* __restrict__ act_s,
                                     const bf16* __restrict__ s_d, const float* __restrict__ g, int H, int I,
                                     int W, int E, int ld, int Is, int gather, int renorm, float scale) {
-  const int t = blockIdx.y;
-  const int lane = threadIdx.x & 31;
-  const int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (c >= H) return;
+  __shared__ float red[8];
+  const int t = blockIdx.y, c = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int units = W + (Is > 0 ? 1 : 0);
   float total = 0.f;
-  for (int s = 0; s < W; ++s) {
-    const int pair = t * W + s;
-    const i64 e = ids[(i64)t * ld + s];
-    if (e < 0 || e >= E) continue;  // the same for the whole warp
-    const float acc = row_dot(w_d + (e * H + c) * (i64)I, act + (i64)pair * I, I, lane);
-    total += slot_weight(mix, ids, t, s, W, E, ld, gather, renorm, scale) * acc;
-  }
-  if (Is > 0) {
-    const float acc = row_dot(s_d + (i64)c * Is, act_s + (i64)t * Is, Is, lane);
-    total += (g != 0 ? g[t] : 1.f) * acc;
+  for (int u = warp; u < units; u += warps) {
+    if (u < W) {
+      const i64 e = ids[(i64)t * ld + u];
+      if (e < 0 || e >= E) continue;  // the same for the whole warp
+      const float acc = row_dot(w_d + (e * H + c) * (i64)I, act + ((i64)t * W + u) * I, I, lane);
+      total += slot_weight(mix, ids, t, u, W, E, ld, gather, renorm, scale) * acc;
+    } else {
+      const float acc = row_dot(s_d + (i64)c * Is, act_s + (i64)t * Is, Is, lane);
+      total += (g != 0 ? g[t] : 1.f) * acc;
+    }
   }
   total = warp_sum(total);
-  if (lane == 0) out[(i64)t * H + c] = to_bf16(total);
+  if (lane == 0) red[warp] = total;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float sum = 0.f;
+    for (int w = 0; w < warps; ++w) sum += red[w];
+    out[(i64)t * H + c] = to_bf16(sum);
+  }
 }
