@@ -26,6 +26,18 @@ __device__ __forceinline__ float dot8f(uint4 w, float4 a, float4 b) {
          lo(w.z) * b.x + hi(w.z) * b.y + lo(w.w) * b.z + hi(w.w) * b.w;
 }
 
+// a[0..8) += s * the 8 bf16 words of w.
+__device__ __forceinline__ void fma8(float* a, float s, uint4 w) {
+  a[0] += s * lo(w.x);
+  a[1] += s * hi(w.x);
+  a[2] += s * lo(w.y);
+  a[3] += s * hi(w.y);
+  a[4] += s * lo(w.z);
+  a[5] += s * hi(w.z);
+  a[6] += s * lo(w.w);
+  a[7] += s * hi(w.w);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;

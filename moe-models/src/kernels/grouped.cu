@@ -24,16 +24,7 @@ extern "C" __global__ void moe_combine(const bf16* __restrict__ y, const i64* __
     const i64 p = (i64)t * W + s;
     const i64 r = row[p];
     if (ids[p] < 0 || r < 0 || r >= M) continue;
-    const float ws = w[p];
-    const uint4 v = *reinterpret_cast<const uint4*>(y + r * H + c);
-    acc[0] += ws * lo(v.x);
-    acc[1] += ws * hi(v.x);
-    acc[2] += ws * lo(v.y);
-    acc[3] += ws * hi(v.y);
-    acc[4] += ws * lo(v.z);
-    acc[5] += ws * hi(v.z);
-    acc[6] += ws * lo(v.w);
-    acc[7] += ws * hi(v.w);
+    fma8(acc, w[p], *reinterpret_cast<const uint4*>(y + r * H + c));
   }
   uint4 o;
   o.x = pack2(acc[0], acc[1]);

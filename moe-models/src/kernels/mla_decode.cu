@@ -20,17 +20,6 @@
 
 #define MLA_THREADS 256
 
-__device__ __forceinline__ void fma8(float* a, float s, uint4 w) {
-  a[0] += s * lo(w.x);
-  a[1] += s * hi(w.x);
-  a[2] += s * lo(w.y);
-  a[3] += s * hi(w.y);
-  a[4] += s * lo(w.z);
-  a[5] += s * hi(w.z);
-  a[6] += s * lo(w.w);
-  a[7] += s * hi(w.w);
-}
-
 // grid (NH, R / 256, BT), block 256: the block's 8 warps split W_uk[h]'s N rows; each lane holds 8 of the
 // block's 256 columns; the warps' partial sums meet in shared memory.
 extern "C" __global__ void __launch_bounds__(MLA_THREADS)
