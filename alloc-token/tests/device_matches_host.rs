@@ -43,6 +43,15 @@ fn both<P: RoutingPolicy + DevicePolicy>(p: &P, layer: usize, c: &Case) -> (Opti
         let chosen = ids.ge(0).sum(tch::Kind::Int64).int64_value(&[]) as usize;
         let bound = DevicePolicy::max_pairs(p, layer, c.tokens);
         assert!(chosen <= bound, "{} chose {chosen} pairs, above its max_pairs bound {bound}", DevicePolicy::name(p));
+        // A fused top-k claim must be exactly the stock top-k (padding-free batches only).
+        if let (Some(k), None) = (DevicePolicy::fixed_top_k(p, layer, c.tokens), t.mask.as_ref()) {
+            let (_, idx) = t.probs.sort_stable(true, 1, true);
+            let first = idx.narrow(1, 0, k as i64);
+            let width = ids.size()[1];
+            let rest = ids.narrow(1, k as i64, width - k as i64);
+            assert!(ids.narrow(1, 0, k as i64).equal(&first), "{} claims top-{k} at {} tokens", DevicePolicy::name(p), c.tokens);
+            assert!(rest.lt(0).all().int64_value(&[]) == 1, "{} claims top-{k} but chose more", DevicePolicy::name(p));
+        }
         Vec::<i64>::try_from(&ids.reshape([-1])).unwrap()
     });
     (host, dev)

@@ -87,6 +87,13 @@ impl DevicePolicy for AllocT {
         self.cap
     }
 
+    /// One token (a batch-1 decode step): the token gets `round(K_l)` experts (its floor plus
+    /// `round(K_l) - floor` extra pairs), its first ones in sorted order, in either scope: stock top-k.
+    fn fixed_top_k(&self, layer: usize, tokens: usize) -> Option<usize> {
+        let k_avg = self.layer_budget(layer, self.cap).ok()?;
+        (tokens == 1).then(|| (crate::pairs_for(k_avg, 1) as usize).clamp(self.floor, self.cap))
+    }
+
     /// Batch scope: `round(K_l * tokens)` (the pairs of `v <= tokens` valid tokens, `round(K_l * v)`,
     /// grow with `v`; `floor <= K_l <= cap` keeps the floors and caps inside it). Per-sequence scope
     /// rounds each sequence separately, so it keeps the default (every slot).

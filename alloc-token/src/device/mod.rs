@@ -111,10 +111,10 @@ pub trait DevicePolicy: Send + Sync {
     fn max_k(&self, layer: usize) -> usize;
     /// Choose experts: `[T, max_k(layer)]` i64 ids, padded with -1.
     fn select(&self, layer: usize, batch: &DeviceBatch<'_>) -> DeviceResult<Tensor>;
-    /// `Some(k)` when [`Self::select`] at `layer` is exactly the stock top-k (the first `k` experts of
-    /// the stable descending sort for every valid token), so a model may fuse the selection into its own
-    /// kernels instead of calling `select`. Default `None`.
-    fn fixed_top_k(&self, _layer: usize) -> Option<usize> {
+    /// `Some(k)` when [`Self::select`] at `layer`, for a batch of `tokens` rows without padding, is exactly
+    /// the stock top-k (the first `k` experts of the stable descending sort for every token), so a model
+    /// may fuse the selection into its own kernels instead of calling `select`. Default `None`.
+    fn fixed_top_k(&self, _layer: usize, _tokens: usize) -> Option<usize> {
         None
     }
     /// An upper bound, known on the host, on the chosen (token, expert) pairs (ids `>= 0`) that

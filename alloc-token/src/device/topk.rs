@@ -31,7 +31,7 @@ impl DevicePolicy for TopK {
     fn select(&self, layer: usize, batch: &DeviceBatch<'_>) -> DeviceResult<Tensor> {
         first_k("topk", layer, self.k, batch)
     }
-    fn fixed_top_k(&self, _layer: usize) -> Option<usize> {
+    fn fixed_top_k(&self, _layer: usize, _tokens: usize) -> Option<usize> {
         Some(self.k)
     }
 }
@@ -46,7 +46,7 @@ impl DevicePolicy for PerLayerTopK {
     fn select(&self, layer: usize, batch: &DeviceBatch<'_>) -> DeviceResult<Tensor> {
         first_k("alloc-l", layer, self.k_of(layer)?, batch)
     }
-    fn fixed_top_k(&self, layer: usize) -> Option<usize> {
+    fn fixed_top_k(&self, layer: usize, _tokens: usize) -> Option<usize> {
         self.k_of(layer).ok()
     }
 }

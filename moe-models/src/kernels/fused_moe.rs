@@ -335,7 +335,7 @@ mod tests {
         for (e, is, gated, renorm, k) in [(64i64, 272i64, false, false, 6usize), (60, 176, true, true, 4), (8, 0, false, true, 2)] {
             let block = random_block(e, 256, 136, is, gated, renorm);
             let policy = DeviceTopK { k };
-            assert_eq!(alloc_token::device::DevicePolicy::fixed_top_k(&policy, 3), Some(k));
+            assert_eq!(alloc_token::device::DevicePolicy::fixed_top_k(&policy, 3, 5), Some(k));
             for n in [1i64, 5] {
                 let x = (Tensor::randn([1, n, 256], (Kind::Float, dev))).to_kind(Kind::BFloat16);
                 let tokens = TokenInfo { mask: None, seq_ids: Tensor::zeros([n], (Kind::Int64, dev)) };

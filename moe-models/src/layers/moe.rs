@@ -363,7 +363,7 @@ impl MoeBlock {
         let may_fuse = !matches!(ctx.dispatch, Dispatch::Grouped | Dispatch::PerExpert);
         // Plain top-k at decode sizes: the router's top-k runs inside the fused kernels too (no probs or
         // ids tensors; nothing to trace). Greedy routing and no padding only.
-        let in_kernel_k = ctx.policy.fixed_top_k(layer).map(|k| k as i64).filter(|&k| {
+        let in_kernel_k = ctx.policy.fixed_top_k(layer, n as usize).map(|k| k as i64).filter(|&k| {
             may_fuse
                 && ctx.trace.is_none()
                 && tokens.mask.is_none()
