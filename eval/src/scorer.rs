@@ -403,6 +403,7 @@ impl<'m> Scorer<'m> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use alloc_token::{AllocT, TopK};

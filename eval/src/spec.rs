@@ -166,6 +166,7 @@ pub fn budget_label(frac: f64) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
