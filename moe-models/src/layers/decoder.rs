@@ -13,6 +13,7 @@ use super::mlp::Mlp;
 use super::moe::{MoeBlock, TokenInfo};
 use super::rotary::{RopeSpec, Rotary};
 use super::RmsNorm;
+use crate::cache::KvCache;
 use crate::ctx::ForwardCtx;
 use crate::error::{Error, Result, TorchContext};
 use crate::loader::VarBuilder;
@@ -222,12 +223,31 @@ impl<A: SelfAttention> Decoder<A> {
         if let (Some(cache), &[b, t]) = (ctx.cache.as_deref_mut(), &ids.size()[..]) {
             cache.begin_step(b, t, device)?;
         }
-        let plan = StepPlan::new(ids, ctx.mask, ctx.cache.as_deref(), device)?;
+        let (mut x, step) = self.begin(ids, ctx.mask, ctx.cache.as_deref())?;
+        for i in 0..self.layers.len() {
+            x = self.attention_half(i, &x, &step, ctx)?;
+            x = self.feed_forward_half(i, &x, &step, ctx)?;
+        }
+        if let Some(cache) = ctx.cache.as_deref_mut() {
+            let p = step.plan;
+            cache.commit(p.t as usize, p.key_valid, p.next_pos, p.has_padding)?;
+        }
+        self.finish(&x)
+    }
+
+    /// The first piece of a forward pass: the embedded ids `(b, t, h)` and the [`Step`] every layer
+    /// shares (plan, rotary angles, token facts, window bias), for `(b, t)` ids with an optional padding
+    /// `mask` and the cache the pass will use (`begin_step` already called). [`Self::forward_hidden`] is
+    /// `begin`, then [`Self::attention_half`] and [`Self::feed_forward_half`] of every layer, then
+    /// [`Self::finish`]; callers that reuse a pass's intermediate state (eval's profiler) call the pieces.
+    pub fn begin(&self, ids: &Tensor, mask: Option<&Tensor>, cache: Option<&KvCache>) -> Result<(Tensor, Step<'_>)> {
+        let device = self.info.device;
+        let plan = StepPlan::new(ids, mask, cache, device)?;
         let ids = ids.f_to_device(device)?;
-        let mut x = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false).ctx("embed_tokens")?; // (b, t, h)
+        let x = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false).ctx("embed_tokens")?; // (b, t, h)
         let (cos, sin) = self.rotary.cos_sin(&plan.positions)?; // (b, t, rotary / 2)
         let tokens = TokenInfo {
-            mask: if ctx.mask.is_some() { Some(plan.mask.f_reshape([-1])?) } else { None },
+            mask: if mask.is_some() { Some(plan.mask.f_reshape([-1])?) } else { None },
             seq_ids: Tensor::f_arange(plan.b, (Kind::Int64, device))?
                 .f_unsqueeze(1)?
                 .f_expand([plan.b, plan.t], false)?
@@ -237,22 +257,30 @@ impl<A: SelfAttention> Decoder<A> {
             Some(w) => Some(plan.sliding_bias(w)?),
             None => None,
         };
-        let step = Step { plan, rotary: &self.rotary, cos, sin, tokens, window_bias };
-        for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer.self_attn.forward(i, &layer.input_layernorm.forward(&x)?, &step, ctx)?;
-            x = x.f_add(&a)?;
-            let hn = layer.post_attention_layernorm.forward(&x)?;
-            let f = match &layer.mlp {
-                Ffn::Dense(mlp) => mlp.forward(&hn).ctx(format!("layers.{i}.mlp"))?,
-                Ffn::Moe(moe) => moe.forward(i, &hn, &step.tokens, ctx)?,
-            };
-            x = x.f_add(&f)?;
-        }
-        if let Some(cache) = ctx.cache.as_deref_mut() {
-            let p = step.plan;
-            cache.commit(p.t as usize, p.key_valid, p.next_pos, p.has_padding)?;
-        }
-        self.norm.forward(&x).ctx("norm")
+        Ok((x, Step { plan, rotary: &self.rotary, cos, sin, tokens, window_bias }))
+    }
+
+    /// `x + self_attn(input_layernorm(x))` of layer `i` (appends to `ctx.cache` when present).
+    pub fn attention_half(&self, i: usize, x: &Tensor, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
+        let layer = &self.layers[i];
+        let a = layer.self_attn.forward(i, &layer.input_layernorm.forward(x)?, step, ctx)?;
+        Ok(x.f_add(&a)?)
+    }
+
+    /// `x + mlp(post_attention_layernorm(x))` of layer `i` (a MoE block calls `ctx.policy`).
+    pub fn feed_forward_half(&self, i: usize, x: &Tensor, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
+        let layer = &self.layers[i];
+        let hn = layer.post_attention_layernorm.forward(x)?;
+        let f = match &layer.mlp {
+            Ffn::Dense(mlp) => mlp.forward(&hn).ctx(format!("layers.{i}.mlp"))?,
+            Ffn::Moe(moe) => moe.forward(i, &hn, &step.tokens, ctx)?,
+        };
+        Ok(x.f_add(&f)?)
+    }
+
+    /// The last piece of a forward pass: the final norm.
+    pub fn finish(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x).ctx("norm")
     }
 
     /// Logits `(.., v)` in the model dtype for hidden states `(.., h)`.
