@@ -7,10 +7,8 @@ fn main() {
     let libtorch = std::env::var("LIBTORCH").unwrap_or_default();
     let has_cuda = std::path::Path::new(&libtorch).join("lib/libtorch_cuda.so").exists();
     if has_cuda {
-        for target in ["bins"] {
-            println!("cargo:rustc-link-arg-{target}=-Wl,--no-as-needed");
-            println!("cargo:rustc-link-arg-{target}=-ltorch_cuda");
-            println!("cargo:rustc-link-arg-{target}=-Wl,--as-needed");
+        for flag in ["-Wl,--no-as-needed", "-ltorch_cuda", "-Wl,--as-needed"] {
+            println!("cargo:rustc-link-arg-bins={flag}");
         }
     }
     println!("cargo:rerun-if-env-changed=LIBTORCH");

@@ -378,7 +378,7 @@ impl Attention {
             // The query's own rope columns take the rotated values, so q is complete without a
             // concatenation (on the H200 that saved ~4 ms of an 8 x 1024 prefill; writing the keys into a
             // buffer the same way gained nothing over their concatenation).
-            let _ = q.f_narrow(-1, self.nope, self.rope)?.f_copy_(&q_pe)?;
+            q.f_narrow(-1, self.nope, self.rope)?.f_copy_(&q_pe)?;
             attention(&q, &k, &v, mask, self.scale)?.f_transpose(1, 2)? // (b, t, nh, v)
         };
         let out = out.f_reshape([b, t, self.heads * self.v])?; // (b, t, nh * v)

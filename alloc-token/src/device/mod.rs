@@ -170,6 +170,25 @@ pub(crate) fn empty_selection(width: usize, device: Device) -> DeviceResult<Tens
     torch("empty", Tensor::f_empty([0, width as i64], (Kind::Int64, device)))
 }
 
+
+/// The shared shape of the count-based policies (top-p, threshold, skip): sort each row (stable,
+/// descending), let `counts` turn the sorted probabilities `(t, e)` into experts per token `(t)`, and
+/// keep that prefix of each token's sorted experts, `width` slots wide. The caller checks its options.
+pub(crate) fn select_by_count(
+    batch: &DeviceBatch<'_>,
+    width: usize,
+    op: &'static str,
+    counts: impl FnOnce(&Tensor) -> Result<Tensor, tch::TchError>,
+) -> DeviceResult<Tensor> {
+    let (t, _) = batch.shape()?;
+    if t == 0 {
+        return empty_selection(width, batch.probs.device());
+    }
+    let (vals, idx) = torch(op, batch.probs.f_sort_stable(true, 1, true))?;
+    let counts = torch(op, counts(&vals))?;
+    prefix_ids(&idx, width as i64, &counts, &batch.valid()?)
+}
+
 #[cfg(test)]
 mod tests {
     /// The selection paths must stay capturable: no reads to the host and no data-dependent shapes. A
@@ -195,22 +214,4 @@ mod tests {
             }
         }
     }
-}
-
-/// The shared shape of the count-based policies (top-p, threshold, skip): sort each row (stable,
-/// descending), let `counts` turn the sorted probabilities `(t, e)` into experts per token `(t)`, and
-/// keep that prefix of each token's sorted experts, `width` slots wide. The caller checks its options.
-pub(crate) fn select_by_count(
-    batch: &DeviceBatch<'_>,
-    width: usize,
-    op: &'static str,
-    counts: impl FnOnce(&Tensor) -> Result<Tensor, tch::TchError>,
-) -> DeviceResult<Tensor> {
-    let (t, _) = batch.shape()?;
-    if t == 0 {
-        return empty_selection(width, batch.probs.device());
-    }
-    let (vals, idx) = torch(op, batch.probs.f_sort_stable(true, 1, true))?;
-    let counts = torch(op, counts(&vals))?;
-    prefix_ids(&idx, width as i64, &counts, &batch.valid()?)
 }
