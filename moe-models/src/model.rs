@@ -82,7 +82,7 @@ const SIZE_KEYS: &[&str] = &[
     "n_group", "topk_group", "first_k_dense_replace", "moe_layer_freq", "decoder_sparse_step",
 ];
 
-/// The largest value a [`SIZE_KEYS`] key may have (2^24; real checkpoints stay far below). Larger values
+/// The largest value a size key of config.json (`SIZE_KEYS`) may have (2^24; real checkpoints stay far below). Larger values
 /// are corrupt, and would overflow the `i64` shape arithmetic (a product of two sizes stays below 2^48)
 /// or reserve memory on the config's word before any checkpoint tensor can contradict it.
 pub const MAX_CONFIG_SIZE: u64 = 1 << 24;
