@@ -26,7 +26,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use moe_models::Renormalize;
-use tch::{Device, Kind};
 
 use crate::device::{parse_device, parse_kind};
 use crate::methods::Method;
@@ -141,9 +140,11 @@ pub fn run(args: Args) -> Result<()> {
     let spec = resolve_spec(&args)?;
     let methods: Vec<Method> = spec.methods.iter().map(|m| m.parse()).collect::<Result<_>>()?;
     let tasks: Vec<Task> = spec.tasks.iter().map(|t| Task::parse(t, &spec.heldout)).collect::<Result<_>>()?;
-    let device = parse_device(&spec.device)?;
-    let kind = parse_kind(&spec.dtype)?;
-    let renormalize: Renormalize = spec.renormalize.parse().map_err(anyhow::Error::msg)?;
+    let engine = model::Engine {
+        device: parse_device(&spec.device)?,
+        kind: parse_kind(&spec.dtype)?,
+        renormalize: spec.renormalize.parse::<Renormalize>().map_err(anyhow::Error::msg)?,
+    };
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("results").join(format!("sweep-{}", spec.id())));
     // Check the text inputs (readable, non-empty, UTF-8) before writing anything, so a bad path fails
     // before the first model loads and leaves no output behind.
@@ -166,7 +167,7 @@ pub fn run(args: Args) -> Result<()> {
     let old_spec = std::fs::read(&spec_path).ok();
     write_atomic(&spec_path, serde_json::to_string_pretty(&spec_json)?.as_bytes())?;
     let records_before = results.count();
-    let outcome = run_all(&args, &spec, &spec_json, &out, &methods, &tasks, device, kind, renormalize, &mut results);
+    let outcome = run_all(&args, &spec, &spec_json, &out, &methods, &tasks, engine, &mut results);
     if outcome.is_err() && results.count() == records_before {
         // Nothing was recorded (a bad checkpoint, tokenizer or text): leave no partial output. Files a
         // failed run did produce (a measured profile) are kept for the next run; remove_dir only
@@ -191,9 +192,7 @@ fn run_all(
     out: &Path,
     methods: &[Method],
     tasks: &[Task],
-    device: Device,
-    kind: Kind,
-    renormalize: Renormalize,
+    engine: model::Engine,
     results: &mut ResultsFile,
 ) -> Result<()> {
     let provenance = Provenance::collect();
@@ -204,8 +203,8 @@ fn run_all(
     let mut tally = model::Tally::default();
     let timings = Timings::default();
     for model_dir in &spec.models {
-        let ctx = model::RunCtx { spec, spec_json, out, provenance: &provenance, run_id: &run_id, skip_failed: args.skip_failed, timings: &timings };
-        match model::run_model(&ctx, model_dir, methods, tasks, device, kind, renormalize, results, &mut planned, &mut tally) {
+        let ctx = model::RunCtx { engine, spec, spec_json, out, provenance: &provenance, run_id: &run_id, skip_failed: args.skip_failed, timings: &timings };
+        match model::run_model(&ctx, model_dir, methods, tasks, results, &mut planned, &mut tally) {
             Ok(()) => {}
             // A model found under models/ whose family this build does not implement is skipped with a
             // note; one named explicitly is an error.

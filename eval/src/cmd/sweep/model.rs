@@ -26,6 +26,8 @@ use crate::tasks::{text, Task};
 
 /// What every model of one sweep shares.
 pub struct RunCtx<'a> {
+    /// Device, dtype and mixing rule of every model (resolved from the spec once).
+    pub engine: Engine,
     /// The resolved spec.
     pub spec: &'a SweepSpec,
     /// The spec as JSON (copied into every record, with the model's facts added).
@@ -40,6 +42,17 @@ pub struct RunCtx<'a> {
     pub skip_failed: bool,
     /// Wall and CPU seconds per stage (printed at the end).
     pub timings: &'a crate::timing::Timings,
+}
+
+/// How every model of a run is loaded and mixed: the spec's `device`, `dtype` and `renormalize`, parsed.
+#[derive(Debug, Clone, Copy)]
+pub struct Engine {
+    /// Where the models run.
+    pub device: Device,
+    /// Their dtype.
+    pub kind: Kind,
+    /// The mixing rule.
+    pub renormalize: Renormalize,
 }
 
 /// How the points of a run went (printed at the end).
@@ -115,20 +128,17 @@ fn say(bar: &ProgressBar, line: String) {
 }
 
 /// Run every point of one model that the results file does not hold as finished.
-#[allow(clippy::too_many_arguments)]
 pub fn run_model(
     rc: &RunCtx<'_>,
     dir: &Path,
     methods: &[Method],
     tasks: &[Task],
-    device: Device,
-    kind: Kind,
-    renormalize: Renormalize,
     results: &mut ResultsFile,
     planned: &mut Vec<PointKey>,
     tally: &mut Tally,
 ) -> Result<()> {
     let spec = rc.spec;
+    let Engine { device, kind, renormalize } = rc.engine;
     let name = model_name(dir);
     let t0 = Instant::now();
     let tm = rc.timings;
@@ -169,7 +179,7 @@ pub fn run_model(
         None
     };
     let lexi: Prepared<Problem> = if any(Method::needs_lexi_profile) {
-        Some(problem_of(tm.time("profile (lexi)", || lexi_profile(rc, &name, &model, &shape, renormalize))?)?)
+        Some(problem_of(tm.time("profile (lexi)", || lexi_profile(rc, &name, &model, &shape))?)?)
     } else {
         None
     };

@@ -106,12 +106,12 @@ pub fn text_profile(rc: &RunCtx<'_>, name: &str, scorer: &Scorer<'_>, shape: &Mo
 
 /// Load the LExI-style profile from the results directory, or measure it (`calib_tokens` Gaussian
 /// vectors per layer, seeded by the spec's seed).
-pub fn lexi_profile(rc: &RunCtx<'_>, name: &str, model: &moe_models::Model, shape: &ModelShape, renormalize: moe_models::Renormalize) -> Result<Measured> {
+pub fn lexi_profile(rc: &RunCtx<'_>, name: &str, model: &moe_models::Model, shape: &ModelShape) -> Result<Measured> {
     let path = rc.out.join(format!("lexi-{}.json", crate::cmd::plot::sanitize(name)));
     if let Some(p) = load(&path, shape, crate::lexi::METRIC)? {
         return Ok(Measured::Ok(p));
     }
-    let job = LexiJob { model: name.to_string(), tokens: rc.spec.calib_tokens, seed: rc.spec.seed, k_values: rc.spec.profile_k.clone(), renormalize };
+    let job = LexiJob { model: name.to_string(), tokens: rc.spec.calib_tokens, seed: rc.spec.seed, k_values: rc.spec.profile_k.clone(), renormalize: rc.engine.renormalize };
     let bar = bar(crate::lexi::passes(shape, &job.k_values), format!("{name} / lexi profile"));
     let measured = measure_lexi_profile(model, shape, &job, || bar.inc(1));
     bar.finish_and_clear();
