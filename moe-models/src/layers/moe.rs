@@ -81,17 +81,22 @@ impl Experts {
     /// `DevicePolicy::max_pairs`): the grouped path then sizes its work to it instead of to `n * w`.
     /// Returns `(n, h)` in `x`'s dtype.
     pub fn forward(&self, x: &Tensor, ids: &Tensor, weights: &Tensor, dispatch: Dispatch, max_pairs: Option<usize>) -> Result<Tensor> {
-        // On CUDA, `_grouped_mm` is the bf16 kernel; other dtypes take the per-expert path there.
-        let dispatch = match dispatch {
-            Dispatch::Auto if crate::kernels::fused_moe_available(x, ids.numel() as i64, &self.gate_up_proj) => Dispatch::Fused,
-            Dispatch::Auto if x.device().is_cuda() && x.kind() == Kind::BFloat16 => Dispatch::Grouped,
-            Dispatch::Auto => Dispatch::PerExpert,
-            d => d,
-        };
-        match dispatch {
+        match self.resolve(dispatch, x, ids.numel() as i64) {
             Dispatch::PerExpert => self.forward_per_expert(x, ids, weights),
             Dispatch::Fused => self.forward_fused(x, Routing::Chosen { ids, mix: MixWeights::Given(weights) }, None),
             _ => self.forward_grouped(x, ids, weights, max_pairs),
+        }
+    }
+
+    /// What `dispatch` means for `pairs` (token, slot) pairs of `x`: `Auto` takes the fused kernels where
+    /// they apply, `_grouped_mm` on CUDA bf16 (its only dtype), per-expert matmuls elsewhere; the others
+    /// stand as given.
+    pub fn resolve(&self, dispatch: Dispatch, x: &Tensor, pairs: i64) -> Dispatch {
+        match dispatch {
+            Dispatch::Auto if crate::kernels::fused_moe_available(x, pairs, &self.gate_up_proj) => Dispatch::Fused,
+            Dispatch::Auto if x.device().is_cuda() && x.kind() == Kind::BFloat16 => Dispatch::Grouped,
+            Dispatch::Auto => Dispatch::PerExpert,
+            d => d,
         }
     }
 
@@ -384,11 +389,7 @@ impl MoeBlock {
         };
         let batch = DeviceBatch { probs: &probs, mask: tokens.mask.as_ref(), seq_ids: Some(&tokens.seq_ids) };
         let ids = ctx.policy.select(layer, &batch).map_err(|source| Error::Policy { layer, source })?; // (n, w)
-        let fused = match ctx.dispatch {
-            Dispatch::Fused => true,
-            Dispatch::Auto => crate::kernels::fused_moe_available(&xf, ids.numel() as i64, &self.experts.gate_up_proj),
-            _ => false,
-        };
+        let fused = self.experts.resolve(ctx.dispatch, &xf, ids.numel() as i64) == Dispatch::Fused;
         let out = if fused {
             // The kernels make the mixing weights from the probabilities and add the shared expert.
             let mix = MixWeights::Router { probs: &probs, renormalize: m.renormalize, scale: m.scale };
