@@ -164,27 +164,38 @@ impl KvCache {
         Some((self.key_valid.as_ref()?, self.next_pos.as_ref()?))
     }
 
-    /// Append `(b, t, ..)` tensors to `layer` and return the full pair: `(b, past + t, ..)` when
-    /// growing, the whole `(b, capacity, ..)` buffers when preallocated.
-    pub(crate) fn append(&mut self, layer: usize, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// Preallocated layout: the whole `(b, capacity, ..)` buffers of `layer` (zeros on first use, shaped
+    /// like `a` and `b` along every other dimension) and the `(t)` slots the current call writes, for a
+    /// kernel that writes the step's entries itself. `None` for a growing cache.
+    pub(crate) fn buffers(&mut self, layer: usize, a: &Tensor, b: &Tensor) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        let Some(cap) = self.capacity else { return Ok(None) };
         if self.layers.len() <= layer {
             self.layers.resize_with(layer + 1, || None);
         }
-        if let Some(cap) = self.capacity {
-            let slots = self.write_slots.as_ref().ok_or_else(|| Error::Input("cache step not begun".into()))?;
-            let ctx = || format!("cache layer {layer}");
-            if self.layers[layer].is_none() {
-                let buffer = |x: &Tensor| -> Result<Tensor> {
-                    let mut size = x.size();
-                    size[1] = cap;
-                    Tensor::f_zeros(&size, (x.kind(), x.device())).ctx(ctx())
-                };
-                self.layers[layer] = Some((buffer(a)?, buffer(b)?));
-            }
-            let (pa, pb) = self.layers[layer].as_mut().ok_or_else(|| Error::Input(ctx()))?;
-            let _ = pa.f_index_copy_(1, slots, a).ctx(ctx())?;
-            let _ = pb.f_index_copy_(1, slots, b).ctx(ctx())?;
-            return Ok((pa.shallow_clone(), pb.shallow_clone()));
+        let slots = self.write_slots.as_ref().ok_or_else(|| Error::Input("cache step not begun".into()))?.shallow_clone();
+        let ctx = || format!("cache layer {layer}");
+        if self.layers[layer].is_none() {
+            let buffer = |x: &Tensor| -> Result<Tensor> {
+                let mut size = x.size();
+                size[1] = cap;
+                Tensor::f_zeros(&size, (x.kind(), x.device())).ctx(ctx())
+            };
+            self.layers[layer] = Some((buffer(a)?, buffer(b)?));
+        }
+        let (pa, pb) = self.layers[layer].as_ref().ok_or_else(|| Error::Input(ctx()))?;
+        Ok(Some((pa.shallow_clone(), pb.shallow_clone(), slots)))
+    }
+
+    /// Append `(b, t, ..)` tensors to `layer` and return the full pair: `(b, past + t, ..)` when
+    /// growing, the whole `(b, capacity, ..)` buffers when preallocated.
+    pub(crate) fn append(&mut self, layer: usize, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+        if let Some((mut pa, mut pb, slots)) = self.buffers(layer, a, b)? {
+            let _ = pa.f_index_copy_(1, &slots, a).ctx(format!("cache layer {layer}"))?;
+            let _ = pb.f_index_copy_(1, &slots, b).ctx(format!("cache layer {layer}"))?;
+            return Ok((pa, pb));
+        }
+        if self.layers.len() <= layer {
+            self.layers.resize_with(layer + 1, || None);
         }
         let full = match self.layers[layer].take() {
             None => {

@@ -129,6 +129,10 @@ pub struct ForwardCtx<'a> {
     pub dispatch: Dispatch,
     /// MLA evaluation path (DeepSeek).
     pub mla: MlaPath,
+    /// Fold the layers' RMSNorms and residual adds into the run-time compiled kernels of few-token
+    /// steps on CUDA bf16 (`crate::kernels`: projections, fused MoE), where they apply. Default true;
+    /// false keeps them as libtorch ops (the reference the fused path is checked against).
+    pub fuse_decode: bool,
 }
 
 impl std::fmt::Debug for ForwardCtx<'_> {
@@ -141,6 +145,7 @@ impl std::fmt::Debug for ForwardCtx<'_> {
             .field("trace", &self.trace.is_some())
             .field("dispatch", &self.dispatch)
             .field("mla", &self.mla)
+            .field("fuse_decode", &self.fuse_decode)
             .finish()
     }
 }
@@ -156,13 +161,14 @@ impl<'a> ForwardCtx<'a> {
             trace: None,
             dispatch: Dispatch::Auto,
             mla: MlaPath::Auto,
+            fuse_decode: true,
         }
     }
 
-    /// The same policy, mixing rule, dispatch and MLA path, without mask, cache or trace (for a forward
+    /// The same policy, mixing rule, dispatch, MLA path and fusion, without mask, cache or trace (for a forward
     /// of its own, such as a decode loop built on the caller's settings).
     pub fn settings(&self) -> ForwardCtx<'a> {
-        ForwardCtx { policy: self.policy, mask: None, cache: None, renormalize: self.renormalize, trace: None, dispatch: self.dispatch, mla: self.mla }
+        ForwardCtx { policy: self.policy, mask: None, cache: None, renormalize: self.renormalize, trace: None, dispatch: self.dispatch, mla: self.mla, fuse_decode: self.fuse_decode }
     }
 
     /// Set the padding mask.
@@ -198,6 +204,12 @@ impl<'a> ForwardCtx<'a> {
     /// Set the MLA path.
     pub fn with_mla(mut self, m: MlaPath) -> Self {
         self.mla = m;
+        self
+    }
+
+    /// Fold norms and residual adds into the decode kernels or not ([`ForwardCtx::fuse_decode`]).
+    pub fn with_fuse_decode(mut self, fuse: bool) -> Self {
+        self.fuse_decode = fuse;
         self
     }
 }

@@ -38,14 +38,14 @@
 use serde::Deserialize;
 use tch::Tensor;
 
-use crate::cache::KvCache;
 use crate::ctx::{ForwardCtx, MlaPath};
 use crate::error::{Error, Result, TorchContext};
-use crate::layers::attention::{attention, AttnMask, StepPlan};
+use crate::layers::attention::{attention, AttnMask};
 use crate::layers::decoder::{family_info, CommonConfig, Decoder, Ffn, Loaded, SelfAttention, StackSpec, Step};
 use crate::layers::mlp::Mlp;
 use crate::layers::moe::{check_top_k, MixingTable, MoeBlock, TopkMethod, SWIGLU_NAMES};
 use crate::layers::rotary::{yarn_mscale, RopeSpec, RopeStyle, Rotary};
+use crate::kernels::{MlaDecode, MlaPrep, Project};
 use crate::layers::{Linear, RmsNorm};
 use crate::loader::VarBuilder;
 
@@ -308,44 +308,105 @@ impl Attention {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn forward_mla(
-        &self,
-        layer: usize,
-        x: &Tensor,
-        plan: &StepPlan,
-        rotary: &Rotary,
-        cos: &Tensor,
-        sin: &Tensor,
-        cache: Option<&mut KvCache>,
-        path: MlaPath,
-    ) -> Result<Tensor> {
-        let _span = tracing::trace_span!("attn", layer).entered();
-        let (b, t) = (plan.b, plan.t);
+    /// `(q, [c_kv | k_pe])` for the normalised input `x` `(b, t, h)`, with libtorch ops.
+    fn project_inputs(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let q = match (&self.q_proj, &self.q_a_proj, &self.q_a_layernorm, &self.q_b_proj) {
             (Some(q_proj), ..) => q_proj.forward(x)?,
             (None, Some(a), Some(norm), Some(bp)) => bp.forward(&norm.forward(&a.forward(x)?)?)?,
             // INVARIANT: `load` fills either q_proj or all three q_lora projections.
             _ => return Err(Error::Input("attention has no query projection".into())),
         };
+        Ok((q, self.kv_a_proj_with_mqa.forward(x)?))
+    }
+
+    /// [`Self::project_inputs`] of `input_layernorm(x)` in one or two run-time compiled kernels (the
+    /// norm folded in; `kernels::project`), or `None` where they do not apply.
+    fn project_inputs_fused(&self, x: &Tensor, norm: &RmsNorm) -> Result<Option<(Tensor, Tensor)>> {
+        use crate::kernels::project;
+        let kv_a = self.kv_a_proj_with_mqa.projection();
+        let first = match (&self.q_proj, &self.q_a_proj) {
+            (Some(q), _) | (None, Some(q)) => q.projection(),
+            (None, None) => return Ok(None),
+        };
+        let Some(mut outs) = project(&Project { x, norm: Some((&norm.weight, norm.eps)), projections: &[first, kv_a], residual: None })? else {
+            return Ok(None);
+        };
+        let ckv = outs.pop().expect("two projections");
+        let q = outs.pop().expect("two projections");
+        let q = match (&self.q_a_layernorm, &self.q_b_proj) {
+            (Some(qn), Some(qb)) if self.q_proj.is_none() => {
+                let p = Project { x: &q, norm: Some((&qn.weight, qn.eps)), projections: &[qb.projection()], residual: None };
+                match project(&p)? {
+                    Some(mut o) => o.pop().expect("one projection"),
+                    None => qb.forward(&qn.forward(&q)?)?,
+                }
+            }
+            _ => q,
+        };
+        Ok(Some((q, ckv)))
+    }
+
+    /// The absorbed decode step entirely in the MLA kernels (`kernels::mla_decode` with [`MlaPrep`]):
+    /// they rope q_pe and k_pe, normalise the latent and write it into the preallocated cache's slot,
+    /// then attend: `(b, t, nh, v)`, or `None` (nothing written) without a preallocated cache or where
+    /// the kernels do not apply. `q` is `(b, nh, t, nope + rope)`, unroped.
+    fn attend_fused(&self, layer: usize, q: &Tensor, ckv: &Tensor, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Option<Tensor>> {
+        let Some(cache) = ctx.cache.as_deref_mut() else { return Ok(None) };
+        if !ckv.is_contiguous() {
+            return Ok(None);
+        }
+        let (c_new, k_new) = (ckv.f_narrow(-1, 0, self.rank)?, ckv.f_narrow(-1, self.rank, self.rope)?);
+        let Some((c_all, kpe_all, slots)) = cache.buffers(layer, &c_new, &k_new)? else { return Ok(None) };
+        let prep = MlaPrep {
+            kv: ckv,
+            kv_norm: (&self.kv_a_layernorm.weight, self.kv_a_layernorm.eps),
+            cos: &step.cos,
+            sin: &step.sin,
+            interleaved: step.rotary.style == RopeStyle::Interleaved,
+            slots: &slots,
+        };
+        let call = MlaDecode {
+            q_nope: &q.f_narrow(-1, 0, self.nope)?,
+            q_pe: &q.f_narrow(-1, self.nope, self.rope)?,
+            w_uk: &self.w_uk,
+            ckv: &c_all,
+            kpe: &kpe_all,
+            bias: &step.plan.bias,
+            w_uv_t: &self.w_uv_t,
+            scale: self.scale,
+            prep: Some(prep),
+        };
+        crate::kernels::mla_decode(&call)
+    }
+
+    /// Attention of layer `layer` from its projected inputs `q` `(b, t, nh * (nope + rope))` and
+    /// `ckv` `(b, t, rank + rope)`, appending to `ctx.cache`: `(b, t, nh * v)`, before `o_proj`.
+    fn attend(&self, layer: usize, q: Tensor, ckv: Tensor, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
+        let _span = tracing::trace_span!("attn", layer).entered();
+        let (plan, rotary, cos, sin) = (&step.plan, step.rotary, &step.cos, &step.sin);
+        let (b, t) = (plan.b, plan.t);
+        let absorbed = match ctx.mla {
+            MlaPath::Auto => plan.past > 0,
+            MlaPath::Expanded => false,
+            MlaPath::Absorbed => true,
+        };
         let q = q.f_reshape([b, t, self.heads, self.nope + self.rope])?.f_transpose(1, 2)?; // (b, nh, t, dq)
         let q_nope = q.f_narrow(-1, 0, self.nope)?; // (b, nh, t, nope)
+        if absorbed && ctx.fuse_decode {
+            if let Some(out) = self.attend_fused(layer, &q, &ckv, step, ctx)? {
+                return Ok(out.f_reshape([b, t, self.heads * self.v])?);
+            }
+        }
         let q_pe = rotary.apply(&q.f_narrow(-1, self.nope, self.rope)?, cos, sin)?; // (b, nh, t, rope)
-        let ckv = self.kv_a_proj_with_mqa.forward(x)?; // (b, t, rank + rope)
         let c_kv = self.kv_a_layernorm.forward(&ckv.f_narrow(-1, 0, self.rank)?)?; // (b, t, rank)
         let k_pe = ckv.f_narrow(-1, self.rank, self.rope)?.f_unsqueeze(1)?; // (b, 1, t, rope)
         let k_pe = rotary.apply(&k_pe, cos, sin)?.f_squeeze_dim(1)?; // (b, t, rope)
-        let (c_all, kpe_all) = match cache {
+        let (c_all, kpe_all) = match ctx.cache.as_deref_mut() {
             Some(cache) => cache.append(layer, &c_kv, &k_pe)?,
             None => (c_kv, k_pe),
         }; // (b, s, rank), (b, s, rope)
         let s = c_all.size()[1];
         let mask = AttnMask { bias: &plan.bias, causal: plan.plain_causal };
-        let absorbed = match path {
-            MlaPath::Auto => plan.past > 0,
-            MlaPath::Expanded => false,
-            MlaPath::Absorbed => true,
-        };
         let out = if absorbed {
             let fused = crate::kernels::mla_decode(&crate::kernels::MlaDecode {
                 q_nope: &q_nope,
@@ -356,6 +417,7 @@ impl Attention {
                 bias: &plan.bias,
                 w_uv_t: &self.w_uv_t,
                 scale: self.scale,
+                prep: None,
             })?; // (b, t, nh, v): decode steps on CUDA, run-time compiled kernels
             match fused {
                 Some(o) => o,
@@ -381,14 +443,32 @@ impl Attention {
             q.f_narrow(-1, self.nope, self.rope)?.f_copy_(&q_pe)?;
             attention(&q, &k, &v, mask, self.scale)?.f_transpose(1, 2)? // (b, t, nh, v)
         };
-        let out = out.f_reshape([b, t, self.heads * self.v])?; // (b, t, nh * v)
-        self.o_proj.forward(&out).ctx(format!("layers.{layer}.self_attn"))
+        Ok(out.f_reshape([b, t, self.heads * self.v])?) // (b, t, nh * v)
     }
 }
 
 impl SelfAttention for Attention {
     fn forward(&self, layer: usize, x: &Tensor, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
-        self.forward_mla(layer, x, &step.plan, step.rotary, &step.cos, &step.sin, ctx.cache.as_deref_mut(), ctx.mla)
+        let (q, ckv) = self.project_inputs(x)?;
+        let out = self.attend(layer, q, ckv, step, ctx)?;
+        self.o_proj.forward(&out).ctx(format!("layers.{layer}.self_attn"))
+    }
+
+    /// At decode sizes on CUDA bf16 (and `ctx.fuse_decode`): the input norm inside the query and latent
+    /// projections' kernel, the residual add inside `o_proj`'s (`kernels::project`); otherwise
+    /// `x + forward(norm(x))`.
+    fn forward_residual(&self, layer: usize, x: &Tensor, norm: &RmsNorm, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
+        let fused = if ctx.fuse_decode { self.project_inputs_fused(x, norm)? } else { None };
+        let Some((q, ckv)) = fused else {
+            let a = self.forward(layer, &norm.forward(x)?, step, ctx)?;
+            return Ok(x.f_add(&a)?);
+        };
+        let out = self.attend(layer, q, ckv, step, ctx)?;
+        let o = self.o_proj.projection();
+        match crate::kernels::project(&Project { x: &out, norm: None, projections: &[o], residual: Some(x) })? {
+            Some(mut y) => Ok(y.pop().expect("one projection")),
+            None => Ok(x.f_add(&self.o_proj.forward(&out).ctx(format!("layers.{layer}.self_attn"))?)?),
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use cuda_graph::jit::{Arg, Function};
 use tch::{Device, Kind, Tensor};
 
-use super::{compiled, launch, Compiled};
+use super::{compiled, launch, launch_shared, Compiled};
 use crate::error::{Error, Result};
 
 /// The largest `tokens x slots` the fused path takes; above it the grouped GEMMs win.
@@ -24,14 +24,15 @@ fn moe_kernels(device: Device) -> Result<&'static [Function]> {
 }
 
 /// The most routed experts the in-kernel top-k ranks (`MAX_EXPERTS` in `moe_decode.cu`).
-pub const FUSED_MOE_MAX_EXPERTS: i64 = 1024;
+pub const FUSED_MOE_MAX_EXPERTS: i64 = 256;
 
 /// Whether [`fused_moe`] applies to `pairs` (token, slot) pairs of `x`: a CUDA bf16 model, at most
-/// [`FUSED_MOE_MAX_PAIRS`] pairs, 16-byte rows.
+/// [`FUSED_MOE_MAX_PAIRS`] pairs, 16-byte rows, a hidden size the router kernel stages in one pass
+/// (at most 8192).
 pub fn fused_moe_applies(x: &Tensor, pairs: i64, gate_up: &Tensor) -> bool {
     let (h, i2) = (gate_up.size()[2], gate_up.size()[1]);
     x.device().is_cuda() && x.kind() == Kind::BFloat16 && gate_up.kind() == Kind::BFloat16 && pairs <= FUSED_MOE_MAX_PAIRS
-        && h % 8 == 0 && (i2 / 2) % 8 == 0
+        && h % 8 == 0 && h <= 8192 && (i2 / 2) % 8 == 0
 }
 
 /// [`fused_moe_applies`], and the kernels compile on this GPU (compiled on first use; a failure is
@@ -99,8 +100,13 @@ pub struct SharedExpert<'a> {
 /// One MoE layer's work for [`fused_moe`].
 #[derive(Debug, Clone, Copy)]
 pub struct MoeCall<'a> {
-    /// `(n, h)` bf16 on CUDA.
+    /// `(n, h)` bf16 on CUDA: the block's input, or with `norm` the residual stream before the norm.
     pub x: &'a Tensor,
+    /// The decoder's post-attention RMSNorm (weight `(h)` bf16, epsilon), applied to `x` inside the
+    /// router kernel; only with [`Routing::TopK`] (a policy needs the normalised input first).
+    pub norm: Option<(&'a Tensor, f64)>,
+    /// `(n, h)` bf16 added to the output (the decoder's residual add).
+    pub residual: Option<&'a Tensor>,
     /// The chosen experts and weights.
     pub routing: Routing<'a>,
     /// `(e, 2i, h)` bf16: each expert's gate rows, then its up rows.
@@ -112,11 +118,12 @@ pub struct MoeCall<'a> {
 }
 
 /// Evaluate a MoE layer for a few tokens in two kernels (three with in-kernel top-k): the routed experts
-/// read straight from the stacked weights, mixed as `call.routing` says, plus the shared expert. Returns
-/// `(n, h)` bf16. Every shape, dtype, stride and device is checked here, because the kernels trust them.
+/// read straight from the stacked weights, mixed as `call.routing` says, plus the shared expert, with
+/// the norm before and the residual add after when the call has them. Returns `(n, h)` bf16. Every
+/// shape, dtype, stride and device is checked here, because the kernels trust them.
 pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
     let bad = |what: &str| Error::Input(format!("fused MoE: {what}"));
-    let MoeCall { x, routing, gate_up, down, shared } = *call;
+    let MoeCall { x, norm, residual, routing, gate_up, down, shared } = *call;
     let device = x.device();
     let (xs, gs, ds) = (x.size(), gate_up.size(), down.size());
     if xs.len() != 2 || gs.len() != 3 || ds.len() != 3 {
@@ -133,6 +140,15 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
         Ok(())
     };
     check("down", down, Kind::BFloat16, &ds)?;
+    if let Some((w, _)) = norm {
+        check("norm weight", w, Kind::BFloat16, &[h])?;
+        if !matches!(routing, Routing::TopK { .. }) {
+            return Err(bad("a norm inside the kernels needs the in-kernel top-k"));
+        }
+    }
+    if let Some(r) = residual {
+        check("residual", r, Kind::BFloat16, &[n, h])?;
+    }
     if !gate_up.is_contiguous() || !down.is_contiguous() {
         return Err(bad("expert weights must be contiguous"));
     }
@@ -178,10 +194,13 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
     };
     let k = moe_kernels(device)?;
     let x = x.contiguous();
+    let residual = residual.map(|r| r.contiguous());
+    let res = residual.as_ref().map_or(Arg::I64(0), Arg::Tensor);
     let f32s = |shape: &[i64]| Tensor::f_empty(shape, (Kind::Float, device));
-    let act = f32s(&[n * w, i])?;
-    let out = Tensor::f_empty([n, h], (Kind::BFloat16, device))?;
-    let act_s = f32s(&[n, is_.max(1)])?;
+    let bf16s = |shape: &[i64]| Tensor::f_empty(shape, (Kind::BFloat16, device));
+    let act = bf16s(&[n * w, i])?;
+    let out = bf16s(&[n, h])?;
+    let act_s = bf16s(&[n, is_.max(1)])?;
     let gate_w = f32s(&[n])?;
     let block = [32 * WARPS, 1, 1];
     let rows = |r: i64| (r as u32).div_ceil(WARPS);
@@ -191,8 +210,9 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
         Some(s) => (Arg::Tensor(s.gate), Arg::Tensor(s.up), Arg::Tensor(s.down), s.gate_logit.map_or(null, Arg::Tensor)),
         None => (null, null, null, null),
     };
-    // One output row per warp (more rows per warp measured slower on the H200: fewer warps in flight).
-    let grid_gu = [rows(i.max(is_)), (n * w + if is_ > 0 { n } else { 0 }) as u32, 1];
+    // One output row per warp (more rows per warp measured slower on the H200: fewer warps in flight);
+    // blocks for each routed pair's I rows, then for each token's Is shared rows.
+    let grid_gu = [rows(i) * (n * w) as u32 + rows(is_) * n as u32, 1, 1];
     let grid_down = [h as u32, n as u32, 1];
     let block_down = [32 * (w + i64::from(is_ > 0)).clamp(1, 8) as u32, 1, 1];
     match routing {
@@ -213,7 +233,7 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
             launch(k[1], grid_gu, block, &gu)?;
             let dn = [
                 Arg::Tensor(&act), Arg::Tensor(&ids), Arg::Tensor(&mix_t), Arg::Tensor(down), Arg::Tensor(&out), Arg::Tensor(&act_s),
-                sd, if shared.is_some_and(|s| s.gate_logit.is_some()) { Arg::Tensor(&gate_w) } else { null },
+                sd, if shared.is_some_and(|s| s.gate_logit.is_some()) { Arg::Tensor(&gate_w) } else { null }, res,
                 Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(ld as i32),
                 Arg::I32(is_ as i32), Arg::I32(gather), Arg::I32(renorm), Arg::F32(scale as f32),
             ];
@@ -223,10 +243,15 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
             let logits = f32s(&[n, e])?;
             let owned_ids = Tensor::f_empty([n, w], (Kind::Int64, device))?;
             let wts = f32s(&[n, w])?;
-            let r = [Arg::Tensor(&x), Arg::Tensor(router), Arg::Tensor(&logits), Arg::I32(h as i32), Arg::I32(e as i32)];
-            launch(k[0], [rows(e), n as u32, 1], block, &r)?;
+            // With the norm, the router kernel writes the normalised input the other two read.
+            let xn = if norm.is_some() { bf16s(&[n, h])? } else { x.shallow_clone() };
+            let r = [
+                Arg::Tensor(&x), norm.map_or(null, |(nw, _)| Arg::Tensor(nw)), Arg::F32(norm.map_or(0.0, |(_, eps)| eps as f32)),
+                Arg::Tensor(&xn), Arg::Tensor(router), Arg::Tensor(&logits), Arg::I32(h as i32), Arg::I32(e as i32),
+            ];
+            launch_shared(k[0], [rows(e), n as u32, 1], block, (h * 2) as u32, &r)?;
             let gu = [
-                Arg::Tensor(&x), null, Arg::Tensor(&logits), Arg::Tensor(gate_up), Arg::Tensor(&act), Arg::Tensor(&owned_ids),
+                Arg::Tensor(&xn), null, Arg::Tensor(&logits), Arg::Tensor(gate_up), Arg::Tensor(&act), Arg::Tensor(&owned_ids),
                 Arg::Tensor(&wts), sg, su, Arg::Tensor(&act_s), sgate, Arg::Tensor(&gate_w),
                 Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(w as i32),
                 Arg::I32(is_ as i32), Arg::I32(n as i32), Arg::I32(1), Arg::I32(renormalize as i32), Arg::F32(scale as f32),
@@ -234,7 +259,7 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
             launch(k[1], grid_gu, block, &gu)?;
             let dn = [
                 Arg::Tensor(&act), Arg::Tensor(&owned_ids), Arg::Tensor(&wts), Arg::Tensor(down), Arg::Tensor(&out),
-                Arg::Tensor(&act_s), sd, if shared.is_some_and(|s| s.gate_logit.is_some()) { Arg::Tensor(&gate_w) } else { null },
+                Arg::Tensor(&act_s), sd, if shared.is_some_and(|s| s.gate_logit.is_some()) { Arg::Tensor(&gate_w) } else { null }, res,
                 Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(w as i32),
                 Arg::I32(is_ as i32), Arg::I32(0), Arg::I32(0), Arg::F32(1.0),
             ];
@@ -348,6 +373,23 @@ mod tests {
                 let scale = want.abs().max().double_value(&[]);
                 eprintln!("e {e}, shared {is} (gated {gated}), k {k}, n {n}: max |fused top-k - libtorch| = {err:.3e} (of {scale:.3e})");
                 assert!(err <= 0.02 * scale + 1e-3, "fused top-k block differs: {err} vs {scale}");
+            }
+        }
+        // The decoder's feed-forward half with the norm and the residual add inside the kernels.
+        for (e, is, gated, renorm, k) in [(64i64, 272i64, false, false, 6usize), (60, 176, true, true, 4), (8, 0, false, true, 2)] {
+            let block = random_block(e, 256, 136, is, gated, renorm);
+            let policy = DeviceTopK { k };
+            let norm = crate::layers::RmsNorm { weight: (Tensor::randn([256], (Kind::Float, dev)) * 0.5 + 1.0).to_kind(Kind::BFloat16), eps: 1e-6 };
+            for n in [1i64, 5] {
+                let x = (Tensor::randn([1, n, 256], (Kind::Float, dev)) * 2.0).to_kind(Kind::BFloat16);
+                let tokens = TokenInfo { mask: None, seq_ids: Tensor::zeros([n], (Kind::Int64, dev)) };
+                let got = block.forward_residual(3, &x, &norm, &tokens, &mut ForwardCtx::new(&policy)).expect("fused").to_kind(Kind::Float);
+                let mut ref_ctx = ForwardCtx::new(&policy).with_fuse_decode(false);
+                let want = block.forward_residual(3, &x, &norm, &tokens, &mut ref_ctx).expect("libtorch").to_kind(Kind::Float);
+                let err = (&got - &want).abs().max().double_value(&[]);
+                let scale = want.abs().max().double_value(&[]);
+                eprintln!("e {e}, shared {is}, k {k}, n {n}: max |fused norm + residual - libtorch| = {err:.3e} (of {scale:.3e})");
+                assert!(err <= 0.01 * scale + 1e-2, "fused norm + residual differs: {err} vs {scale}");
             }
         }
         // Chosen ids (with empty slots) plus a gated shared expert.

@@ -1,49 +1,117 @@
 // DeepSeek-V2 multi-head latent attention for decode steps, with absorbed projections, compiled at run
-// time by NVRTC. It replaces the ~10 libtorch kernels of the absorbed path (q_nope x W_uk, two
-// concatenations, scores, bias, softmax, cast, probabilities x latents, x W_uv, transpose copy) with four
-// small kernels that spread every step over many SMs (one block per head was latency-bound: 24 us a
-// layer on an H200, with 16 of 132 SMs busy):
-//   mla_q        q_lat[bt, h] = q_nope[bt, h] . W_uk[h]                                  (R)  f32
-//   mla_part     for each split of the cache slots: m = max_j s_j, l = sum_j exp(s_j - m),
-//                o = sum_j exp(s_j - m) c_j, with s_j = scale * (q_lat . c_j + q_pe . k_pe_j) + bias_j
-//   mla_combine  o_lat = sum_splits exp(m - M) o / sum_splits exp(m - M) l                 (R)  f32
-//   mla_out      out[bt, h] = o_lat . W_uv^T[h]                                            (V)  bf16
+// time by NVRTC. It replaces the ~15 libtorch kernels of the absorbed path (two rotary embeddings, the
+// latent RMSNorm, two cache writes, q_nope x W_uk, two concatenations, scores, bias, softmax, cast,
+// probabilities x latents, x W_uv, transpose copy) with three small kernels that spread every step over
+// many SMs (one block per head was latency-bound: 24 us a layer on an H200, with 16 of 132 SMs busy):
+//   mla_q     q_lat[bt, h] = q_nope[bt, h] . W_uk[h]                                   (R)  f32
+//             and, with the step's raw inputs given (prep): q_pe roped into q_pe_out, and one more block
+//             per token that normalises its latent (kv_a_layernorm) and ropes its k_pe straight into
+//             the cache slot the step writes
+//   mla_part  for each split of the cache slots: m = max_j s_j, l = sum_j exp(s_j - m),
+//             o = sum_j exp(s_j - m) c_j, with s_j = scale * (q_lat . c_j + q_pe . k_pe_j) + bias_j
+//   mla_out   o_lat = sum_splits exp(m - M) o / sum_splits exp(m - M) l  (the merge)    (R)
+//             out[bt, h] = o_lat . W_uv^T[h]                                           (V)  bf16
 // (flash-decoding: the splits' partial softmaxes merge exactly, up to f32 rounding). Slots whose bias
-// is -inf (unwritten cache capacity, padding, the future) are skipped: neither scored nor read.
+// is -inf (unwritten cache capacity, padding, the future) are skipped: neither scored nor read. Loops
+// over global memory issue all of a thread's loads before using them: a loop that waits for each load
+// in turn costs one memory latency per iteration.
 //
 // Shapes (BT = batch x query tokens, t = bt % T, b = bt / T): q_nope (B, NH, T, N) bf16 with strides
-// (qs_b, qs_h, qs_t), unit last stride; q_pe (B, NH, T, P) bf16 contiguous; w_uk (NH, N, R) bf16; ckv
-// (B, S, R), kpe (B, S, P) bf16 with strides (c_b, c_s), (k_b, k_s), unit last stride; bias (B, 1, T, S)
-// f32 contiguous; w_uv (NH, R, V) bf16; out (B, T, NH, V) bf16. Scratch: qlat (BT, NH, R), part_o (BT,
-// NH, SP, R), part_ml (BT, NH, SP, 2), olat (BT, NH, R), all f32. Requirements (checked by the caller):
-// R % 256 == 0, P % 8 == 0, P <= 256, N % 8 == 0, N <= 256, V % 8 == 0, 16-byte aligned rows.
+// (qs_b, qs_h, qs_t), unit last stride; q_pe (B, NH, T, P) bf16 contiguous (roped); w_uk (NH, N, R)
+// bf16; ckv (B, S, R), kpe (B, S, P) bf16 with strides (c_b, c_s), (k_b, k_s), unit last stride; bias
+// (B, 1, T, S) f32 contiguous; w_uv (NH, R, V) bf16; out (B, T, NH, V) bf16. Prep: q_pe_raw with strides
+// like q_nope, cos/sin (B, T, P / 2) f32, kv_in (BT, R + P) bf16 contiguous, kv_norm (R) bf16, slots (T)
+// i64. Scratch: qlat (BT, NH, R), part_o (BT, NH, SP, R), part_ml (BT, NH, SP, 2), all f32.
+// Requirements (checked by the caller): R % 256 == 0, R <= MLA_MAX_R, P % 8 == 0, P <= 256, N % 8 == 0,
+// N <= 256, V % 32 == 0, SP <= 32, 16-byte aligned rows.
 
 #define MLA_THREADS 256
+#define MLA_MAX_R 512
+#define MLA_RK (MLA_MAX_R / 256)  // 256-wide chunks of a latent row
 
-// grid (NH, R / 256, BT), block 256: the block's 8 warps split W_uk[h]'s N rows; each lane holds 8 of the
-// block's 256 columns; the warps' partial sums meet in shared memory.
+// One rotary pair in f32, rounded to bf16 once: (x0 cos - x1 sin, x0 sin + x1 cos) at (i0, i1).
+__device__ __forceinline__ void rope_pair(const bf16* __restrict__ in, i64 stride, bf16* __restrict__ out, int j,
+                                          int P, int interleaved, float c, float s) {
+  const int i0 = interleaved ? 2 * j : j, i1 = interleaved ? 2 * j + 1 : j + P / 2;
+  const float x0 = bf(in[i0 * stride]), x1 = bf(in[i1 * stride]);
+  out[i0] = to_bf16(x0 * c - x1 * s);
+  out[i1] = to_bf16(x0 * s + x1 * c);
+}
+
+// grid (NH + kv, R / 64, BT), block 256 (kv = 1 with the prep inputs, else 0). Blocks x < NH: 64 columns
+// of q_lat for head x; thread (g, cg) = (tid / 8, tid % 8) takes rows g, g + 32, ... of W_uk[h] for 8
+// columns, and the 32 row groups meet in shared memory; with cos given, the chunk-0 block also ropes the
+// head's q_pe_raw into q_pe_out. Block x == NH (chunk 0 only): token bt's latent, normalised with
+// kv_norm (transformers' rounding) into ckv[b, slots[t]], and its k_pe roped into kpe[b, slots[t]].
 extern "C" __global__ void __launch_bounds__(MLA_THREADS)
 mla_q(const bf16* __restrict__ q_nope, i64 qs_b, i64 qs_h, i64 qs_t, const bf16* __restrict__ w_uk,
-      float* __restrict__ qlat, int NH, int T, int N, int R) {
-  __shared__ float qn[256];
-  __shared__ float part[8][256];
+      float* __restrict__ qlat, int NH, int T, int N, int R, const bf16* __restrict__ q_pe_raw,
+      bf16* __restrict__ q_pe_out, const float* __restrict__ cos_t, const float* __restrict__ sin_t, int P,
+      int interleaved, const bf16* __restrict__ kv_in, const bf16* __restrict__ kv_norm, float eps,
+      bf16* __restrict__ ckv, i64 c_b, i64 c_s, bf16* __restrict__ kpe, i64 k_b, i64 k_s,
+      const i64* __restrict__ slots) {
+  __shared__ float part[32][65];
+  __shared__ float red[33];
   const int h = blockIdx.x, chunk = blockIdx.y, bt = blockIdx.z, b = bt / T, t = bt % T;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int tid = threadIdx.x;
+  const float* cs = cos_t + (i64)bt * (P / 2);
+  const float* sn = sin_t + (i64)bt * (P / 2);
+  if (h == NH) {  // the token's latent and k_pe, into the cache
+    if (chunk != 0) return;
+    const i64 slot = slots[t];
+    const bf16* in = kv_in + (i64)bt * (R + P);
+    uint4 xv = make_uint4(0, 0, 0, 0), nv = xv;
+    const int c = tid * 8;
+    if (c < R) xv = *reinterpret_cast<const uint4*>(in + c), nv = *reinterpret_cast<const uint4*>(kv_norm + c);
+    const unsigned* w = reinterpret_cast<const unsigned*>(&xv);
+    float ss = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) ss += lo(w[q]) * lo(w[q]) + hi(w[q]) * hi(w[q]);
+    const float r = rsqrtf(block_reduce(ss, false, red) / R + eps);
+    if (c < R) {
+      const unsigned* n = reinterpret_cast<const unsigned*>(&nv);
+      uint4 ov;
+      unsigned* o = reinterpret_cast<unsigned*>(&ov);
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        o[q] = (unsigned)to_bf16(lo(n[q]) * bf(to_bf16(lo(w[q]) * r))) |
+               ((unsigned)to_bf16(hi(n[q]) * bf(to_bf16(hi(w[q]) * r))) << 16);
+      *reinterpret_cast<uint4*>(ckv + b * c_b + slot * c_s + c) = ov;
+    }
+    for (int j = tid; j < P / 2; j += MLA_THREADS)
+      rope_pair(in + R, 1, kpe + b * k_b + slot * k_s, j, P, interleaved, cs[j], sn[j]);
+    return;
+  }
+  if (cos_t != 0 && chunk == 0)
+    for (int j = tid; j < P / 2; j += MLA_THREADS)
+      rope_pair(q_pe_raw + b * qs_b + h * qs_h + t * qs_t, 1, q_pe_out + (((i64)b * NH + h) * T + t) * P, j, P,
+                interleaved, cs[j], sn[j]);
   const bf16* qnp = q_nope + b * qs_b + h * qs_h + t * qs_t;
-  for (int n = tid; n < N; n += MLA_THREADS) qn[n] = bf(qnp[n]);
-  __syncthreads();
-  const int n0 = warp * N / 8, n1 = (warp + 1) * N / 8;
-  const bf16* base = w_uk + (i64)h * N * R + chunk * 256 + lane * 8;
+  const int g = tid >> 3, cg = tid & 7;
+  const bf16* base = w_uk + (i64)h * N * R + chunk * 64 + cg * 8;
   float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll 8
-  for (int n = n0; n < n1; ++n) fma8(a, qn[n], *reinterpret_cast<const uint4*>(base + (i64)n * R));
+  float qv[8];
+  uint4 wv[8];
 #pragma unroll
-  for (int j = 0; j < 8; ++j) part[warp][lane * 8 + j] = a[j];
+  for (int i = 0; i < 8; ++i) {  // rows g, g + 32, ... (N <= 256): every load issued first
+    const int n = g + 32 * i;
+    if (n < N) {
+      qv[i] = bf(qnp[n]);
+      wv[i] = *reinterpret_cast<const uint4*>(base + (i64)n * R);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    if (g + 32 * i < N) fma8(a, qv[i], wv[i]);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) part[g][cg * 8 + j] = a[j];
   __syncthreads();
-  float s = 0.f;
-#pragma unroll
-  for (int w = 0; w < 8; ++w) s += part[w][tid];
-  qlat[((i64)bt * NH + h) * R + chunk * 256 + tid] = s;
+  if (tid < 64) {
+    float s = 0.f;
+#pragma unroll 8
+    for (int q = 0; q < 32; ++q) s += part[q][tid];
+    qlat[((i64)bt * NH + h) * R + chunk * 64 + tid] = s;
+  }
 }
 
 // grid (NH, SP, BT), block 256, dynamic shared memory (R + P + 2048 + per + 64) floats, per = slots per
@@ -64,9 +132,18 @@ mla_part(const float* __restrict__ qlat, const bf16* __restrict__ q_pe, const bf
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int j0 = sp * per, j1 = min(S, j0 + per);
   const float* ql = qlat + ((i64)bt * NH + h) * R;
-  for (int r = tid; r < R; r += MLA_THREADS) qf[r] = ql[r];
   const bf16* qp = q_pe + (((i64)b * NH + h) * T + t) * P;
-  for (int p = tid; p < P; p += MLA_THREADS) qf[R + p] = bf(qp[p]);
+  {
+    float qv[MLA_RK];
+#pragma unroll
+    for (int k = 0; k < MLA_RK; ++k)
+      if (k * MLA_THREADS + tid < R) qv[k] = ql[k * MLA_THREADS + tid];
+    const float pv = tid < P ? bf(qp[tid]) : 0.f;
+#pragma unroll
+    for (int k = 0; k < MLA_RK; ++k)
+      if (k * MLA_THREADS + tid < R) qf[k * MLA_THREADS + tid] = qv[k];
+    if (tid < P) qf[R + tid] = pv;
+  }
   __syncthreads();
   const float* bs = bias + (i64)bt * S;
   const bf16* cb = ckv + b * c_b;
@@ -77,12 +154,20 @@ mla_part(const float* __restrict__ qlat, const bf16* __restrict__ q_pe, const bf
     if (bj != NEG_INF) {  // the same for the whole warp
       const bf16* cr = cb + j * c_s;
       const bf16* kr = kb + j * k_s;
-      for (int c = lane * 8; c < R; c += 256)
-        d += dot8f(*reinterpret_cast<const uint4*>(cr + c), *reinterpret_cast<const float4*>(qf + c),
-                   *reinterpret_cast<const float4*>(qf + c + 4));
-      for (int c = lane * 8; c < P; c += 256)
-        d += dot8f(*reinterpret_cast<const uint4*>(kr + c), *reinterpret_cast<const float4*>(qf + R + c),
-                   *reinterpret_cast<const float4*>(qf + R + c + 4));
+      uint4 cv[MLA_RK], kv = make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int k = 0; k < MLA_RK; ++k)  // the slot's whole row in flight at once
+        if (k * 256 + lane * 8 < R) cv[k] = *reinterpret_cast<const uint4*>(cr + k * 256 + lane * 8);
+      if (lane * 8 < P) kv = *reinterpret_cast<const uint4*>(kr + lane * 8);
+#pragma unroll
+      for (int k = 0; k < MLA_RK; ++k) {
+        const int c = k * 256 + lane * 8;
+        if (c < R)
+          d += dot8f(cv[k], *reinterpret_cast<const float4*>(qf + c), *reinterpret_cast<const float4*>(qf + c + 4));
+      }
+      if (lane * 8 < P)
+        d += dot8f(kv, *reinterpret_cast<const float4*>(qf + R + lane * 8),
+                   *reinterpret_cast<const float4*>(qf + R + lane * 8 + 4));
       d = warp_sum(d);
     }
     if (lane == 0) sc[j - j0] = bj == NEG_INF ? NEG_INF : d * scale + bj;
@@ -125,47 +210,68 @@ mla_part(const float* __restrict__ qlat, const bf16* __restrict__ q_pe, const bf
   }
 }
 
-// grid (NH, BT), block 256: merge the splits' partial softmaxes into o_lat (R).
+// grid (NH, V / 32, BT), block 256: merge head h's split partials into o_lat (R, staged in shared
+// memory; the splits' weights exp(m - M) / L first), then 32 output columns: the threads split the R
+// latent rows, warp sums, and the 8 warps' results meet in shared memory.
 extern "C" __global__ void __launch_bounds__(MLA_THREADS)
-mla_combine(const float* __restrict__ part_o, const float* __restrict__ part_ml, float* __restrict__ olat,
-            int NH, int SP, int R) {
-  const int h = blockIdx.x, bt = blockIdx.y;
-  const float* ml = part_ml + ((i64)bt * NH + h) * SP * 2;
-  float M = NEG_INF;
-  for (int s = 0; s < SP; ++s) M = fmaxf(M, ml[2 * s]);
-  float L = 0.f;
-  for (int s = 0; s < SP; ++s) L += ml[2 * s] == NEG_INF ? 0.f : expf(ml[2 * s] - M) * ml[2 * s + 1];
-  const float inv = L > 0.f ? 1.f / L : 0.f;
-  const float* po = part_o + ((i64)bt * NH + h) * SP * R;
-  for (int r = threadIdx.x; r < R; r += MLA_THREADS) {
-    float o = 0.f;
-    for (int s = 0; s < SP; ++s)
-      if (ml[2 * s] != NEG_INF) o += expf(ml[2 * s] - M) * po[(i64)s * R + r];
-    olat[((i64)bt * NH + h) * R + r] = o * inv;
-  }
-}
-
-// grid (NH, V / 8, BT), block 256: 8 output columns of one head; the threads split the R latent rows,
-// then warp sums and the 8 warps' results meet in shared memory.
-extern "C" __global__ void __launch_bounds__(MLA_THREADS)
-mla_out(const float* __restrict__ olat, const bf16* __restrict__ w_uv, bf16* __restrict__ out, int NH, int T,
-        int R, int V) {
-  __shared__ float part[8][8];
-  const int h = blockIdx.x, v0 = blockIdx.y * 8, bt = blockIdx.z;
+mla_out(const float* __restrict__ part_o, const float* __restrict__ part_ml, const bf16* __restrict__ w_uv,
+        bf16* __restrict__ out, int NH, int SP, int R, int V) {
+  __shared__ float wt[32];
+  __shared__ float ol[MLA_MAX_R];
+  __shared__ float part[8][32];
+  const int h = blockIdx.x, v0 = blockIdx.y * 32, bt = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const float* ol = olat + ((i64)bt * NH + h) * R;
+  const float* ml = part_ml + ((i64)bt * NH + h) * SP * 2;
   const bf16* base = w_uv + (i64)h * R * V + v0;
-  float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll 2
-  for (int r = tid; r < R; r += MLA_THREADS) fma8(a, ol[r], *reinterpret_cast<const uint4*>(base + (i64)r * V));
+  uint4 wv[MLA_RK][4];
 #pragma unroll
-  for (int q = 0; q < 8; ++q) {
-    const float s = warp_sum(a[q]);
-    if (lane == 0) part[warp][q] = s;
+  for (int k = 0; k < MLA_RK; ++k) {  // this thread's rows of W_uv, in flight during the merge
+    const int r = k * MLA_THREADS + tid;
+    if (r < R)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) wv[k][q] = *reinterpret_cast<const uint4*>(base + (i64)r * V + q * 8);
+  }
+  if (warp == 0) {
+    const float m = lane < SP ? ml[2 * lane] : NEG_INF;
+    const float l = lane < SP ? ml[2 * lane + 1] : 0.f;
+    float M = m;
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    const float e = (m == NEG_INF) ? 0.f : expf(m - M);
+    const float L = warp_sum(e * l);
+    wt[lane] = L > 0.f ? e / L : 0.f;
   }
   __syncthreads();
-  if (tid < 8) {
+  const float* po = part_o + ((i64)bt * NH + h) * SP * R;
+#pragma unroll
+  for (int k = 0; k < MLA_RK; ++k) {
+    const int r = k * MLA_THREADS + tid;
+    if (r < R) {
+      float o = 0.f;
+#pragma unroll 8
+      for (int s = 0; s < SP; ++s) o += wt[s] * po[(i64)s * R + r];
+      ol[r] = o;
+    }
+  }
+  float a[32];
+#pragma unroll
+  for (int j = 0; j < 32; ++j) a[j] = 0.f;
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < MLA_RK; ++k) {
+    const int r = k * MLA_THREADS + tid;
+    if (r < R)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) fma8(a + q * 8, ol[r], wv[k][q]);
+  }
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    const float s = warp_sum(a[j]);
+    if (lane == j) part[warp][j] = s;
+  }
+  __syncthreads();
+  if (tid < 32) {
     float s = 0.f;
+#pragma unroll
     for (int w = 0; w < 8; ++w) s += part[w][tid];
     out[((i64)bt * NH + h) * V + v0 + tid] = to_bf16(s);
   }

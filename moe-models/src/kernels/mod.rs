@@ -6,12 +6,18 @@
 //!   three kernels: the routed experts read straight from the stacked weights, optionally the router's
 //!   top-k and the shared expert too, replacing ~30 libtorch kernels;
 //! - [`moe_combine`] and [`swiglu`] (`grouped.rs`): the grouped path for many tokens (prefill);
-//! - [`mla_decode`] (`mla.rs`): DeepSeek-V2's absorbed attention for decode steps in four small kernels;
-//! - [`rotary`] (`rotary.rs`): the rotary embedding in one kernel instead of five.
+//! - [`mla_decode`] (`mla.rs`): DeepSeek-V2's absorbed attention for decode steps in three small kernels,
+//!   with the step's rope, latent norm and cache write;
+//! - [`rotary`] (`rotary.rs`): the rotary embedding in one kernel instead of five;
+//! - [`project`] (`gemv.rs`): up to three projections of a few tokens with the RMSNorm before them and
+//!   the residual add after them, in one kernel;
+//! - [`argmax`] (`argmax.rs`): the greedy next token.
 //!
 //! `common.cuh` (bf16 words, dot products, reductions) is prepended to every `.cu` file.
 
+mod argmax;
 mod fused_moe;
+mod gemv;
 mod grouped;
 mod mla;
 mod rotary;
@@ -27,8 +33,10 @@ pub use fused_moe::{
     fused_moe, fused_moe_applies, fused_moe_available, MixWeights, MoeCall, Routing, SharedExpert, FUSED_MOE_MAX_EXPERTS,
     FUSED_MOE_MAX_PAIRS,
 };
+pub use argmax::argmax;
+pub use gemv::{project, Project, Projection, PROJECT_MAX_TOKENS};
 pub use grouped::{moe_combine, swiglu};
-pub use mla::{mla_decode, MlaDecode, MLA_DECODE_MAX_QUERIES};
+pub use mla::{mla_decode, MlaDecode, MlaPrep, MLA_DECODE_MAX_QUERIES};
 pub use rotary::rotary;
 
 /// One `.cu` file compiled once per process (on first use), with the kernels looked up by name.
@@ -61,8 +69,10 @@ pub(crate) fn compiled<'a>(
 }
 
 /// Every run-time compiled source as `(file name, source)`, as NVRTC gets it (for compile checks).
-pub fn sources() -> [(&'static str, &'static str); 4] {
+pub fn sources() -> [(&'static str, &'static str); 6] {
     [
+        ("gemv.cu", gemv::GEMV_SOURCE),
+        ("argmax.cu", argmax::ARGMAX_SOURCE),
         ("moe_decode.cu", fused_moe::MOE_SOURCE),
         ("rotary.cu", rotary::ROTARY_SOURCE),
         ("mla_decode.cu", mla::MLA_SOURCE),
@@ -76,12 +86,13 @@ pub(crate) fn launch(f: Function, grid: [u32; 3], block: [u32; 3], args: &[Arg<'
 
 #[allow(unsafe_code)]
 pub(crate) fn launch_shared(f: Function, grid: [u32; 3], block: [u32; 3], shared: u32, args: &[Arg<'_>]) -> Result<()> {
-    // SAFETY: the callers (`fused_moe`, `rotary`, `mla_decode`, `moe_combine`) checked that every tensor is on the kernel's device, of
+    // SAFETY: the callers (`fused_moe`, `rotary`, `mla_decode`, `moe_combine`, `project`, `argmax`) checked that every tensor is on the kernel's device, of
     // the dtype, shape and strides the kernel indexes with (the size arguments passed); `fused_moe`'s ids
     // outside 0..E are skipped by the kernels, and its null pointers are only for tensors the size and
     // mode arguments say are absent; the grids cover exactly the rows, pairs or elements those shapes
     // give, and the kernels bound-check the rest (`moe_combine` skips rows outside `y`).
-    // `mla_decode`'s dynamic shared memory is sized from the same sizes.
+    // `mla_decode`'s and `project`'s dynamic shared memory is sized from the same sizes; `project`'s
+    // null pointers are absent norms, biases, residuals and unused segments (of 0 rows).
     unsafe { f.launch(grid, block, shared, args) }.map_err(Error::from)
 }
 

@@ -5,85 +5,107 @@
 // and reads the chosen experts' weights at under half of the H200's bandwidth. At a few tokens the work
 // is matrix-vector products, so here it is at most three kernels that read each chosen expert's rows
 // straight from the stacked weights, 16 bytes per lane, one warp per output row:
-//   moe_router:  logits[t, e] = x[t] . W_r[e]                                              (f32)
-//   moe_gate_up: act[p, r] = silu(W_gu[e_p, r] . x[t_p]) * (W_gu[e_p, I + r] . x[t_p])      (f32)
+//   moe_router:  xn[t] = rmsnorm(x[t]) * norm_w (optional: the decoder's post-attention norm)
+//                logits[t, e] = xn[t] . W_r[e]                                            (f32)
+//   moe_gate_up: act[p, r] = silu(W_gu[e_p, r] . xn[t_p]) * (W_gu[e_p, I + r] . xn[t_p])  (bf16)
 //                and the same for the shared expert (its own gate/up weights, width Is)
-//   moe_down:    out[t, c] = sum_s mix[t, s] * (W_d[e_(t,s), c] . act[(t,s)])
-//                          + g_t * (W_sd[c] . act_s[t])                                     (bf16)
+//   moe_down:    out[t, c] = res[t, c] (optional: the decoder's residual add)
+//                          + sum_s mix[t, s] * (W_d[e_(t,s), c] . act[(t,s)])
+//                          + g_t * (W_sd[c] . act_s[t])                                   (bf16)
 // for pairs p = (t, s). The chosen experts e_p and weights mix come from one of:
 //   - a policy's ids (-1: no expert, contributes nothing) with weights given, or made in the kernel from
 //     the router probabilities and the family's mixing rule;
-//   - top-k in the kernel (route = 1): every gate_up block of token t takes a softmax of the logits row
-//     and the rank of each expert (probability descending, ties to the lower index, as a stable sort),
-//     so slot s is the expert of rank s; the x == 0 block of each pair writes the id and its mixing
-//     weight for moe_down.
-// g_t is 1 (DeepSeek) or sigmoid(x[t] . w_g) (Qwen2-MoE's shared_expert_gate), made by a gate_up block.
-// Accumulation is f32; sums over slots run in slot order, so results are deterministic.
+//   - top-k in the kernel (route = 1): every gate_up warp of token t takes a softmax of the logits row
+//     and picks the expert of rank s (probability descending, ties to the lower index, as a stable
+//     sort) for slot s; the first block of each pair writes the id and its mixing weight for moe_down.
+// g_t is 1 (DeepSeek) or sigmoid(xn[t] . w_g) (Qwen2-MoE's shared_expert_gate), made by a gate_up block.
+// Accumulation is f32; the SwiGLU activations are rounded to bf16 (as transformers' bf16 MLP does),
+// which halves what moe_down reads besides the weights; sums over slots run in slot order, so results
+// are deterministic.
 //
 // Shared helpers (bf16 words, dot products, reductions) are in common.cuh, prepended at compile time.
-// Requirements (checked by the caller): contiguous tensors, H and I multiples of 8 (16-byte rows).
+// Requirements (checked by the caller): contiguous tensors, H and I multiples of 8 (16-byte rows), at
+// most MAX_EXPERTS experts for the in-kernel top-k.
 
-#define MAX_EXPERTS 1024
+#define MAX_EXPERTS 256
+#define EXPERTS_PER_LANE (MAX_EXPERTS / 32)
 
-// Top-k routing of one token inside a block: softmax of the logits row (E values), the expert of rank s
-// (probability descending, ties to the lower index) and its mixing weight (the probability, divided by
-// the sum over the K chosen + 1e-20 when renorm, times scale). Returns the expert (-1 if none: NaN
-// logits) and writes the weight to *w. All threads must call it.
-__device__ int route_slot(const float* __restrict__ logits, int E, int K, int s, int renorm, float scale,
+// Top-k routing of one token by one warp (no shared memory, no barriers): softmax of the logits row (E
+// values), the expert of rank s (probability descending, ties to the lower index, as a stable sort) and
+// its mixing weight (the probability, divided by the sum over the K chosen + 1e-20 when renorm, times
+// scale). K rounds of a warp-wide arg-max over the not yet chosen experts. Returns the expert (-1 if
+// none: NaN logits) and writes the weight to *w. All 32 lanes must call it.
+__device__ int warp_route(const float* __restrict__ logits, int E, int K, int s, int renorm, float scale,
                           float* w) {
-  __shared__ float p[MAX_EXPERTS];
-  __shared__ float red[33];
-  __shared__ int chosen;
-  if (threadIdx.x == 0) chosen = -1;
+  const int lane = threadIdx.x & 31;
+  float p[EXPERTS_PER_LANE];
   float m = NEG_INF;
-  for (int j = threadIdx.x; j < E; j += blockDim.x) {
-    p[j] = logits[j];
-    m = fmaxf(m, p[j]);
+#pragma unroll
+  for (int q = 0; q < EXPERTS_PER_LANE; ++q) {
+    const int j = q * 32 + lane;
+    p[q] = j < E ? logits[j] : NEG_INF;
+    m = fmaxf(m, p[q]);
   }
-  m = block_reduce(m, true, red);
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
   float z = 0.f;
-  for (int j = threadIdx.x; j < E; j += blockDim.x) {
-    p[j] = expf(p[j] - m);
-    z += p[j];
+#pragma unroll
+  for (int q = 0; q < EXPERTS_PER_LANE; ++q) {
+    p[q] = q * 32 + lane < E ? expf(p[q] - m) : 0.f;
+    z += p[q];
   }
-  z = block_reduce(z, false, red);
-  for (int j = threadIdx.x; j < E; j += blockDim.x) p[j] = p[j] / z;
-  __syncthreads();
-  float top = 0.f;
-  for (int j = threadIdx.x; j < E; j += blockDim.x) {
-    const float pj = p[j];
-    int rank = 0;
-    for (int i = 0; i < E; ++i) {
-      const float pi = p[i];
-      rank += (pi > pj) || (pi == pj && i < j);
+  z = warp_sum(z);
+#pragma unroll
+  for (int q = 0; q < EXPERTS_PER_LANE; ++q) p[q] = q * 32 + lane < E ? p[q] / z : -1.f;  // -1: not an expert
+  unsigned taken = 0;  // bit q: this lane's expert q * 32 + lane is chosen
+  int chosen = -1;
+  float chosen_p = 0.f, top = 0.f;
+  for (int round = 0; round < K; ++round) {
+    float bv = -1.f;
+    int bj = 0x7fffffff;
+#pragma unroll
+    for (int q = 0; q < EXPERTS_PER_LANE; ++q) {
+      const int j = q * 32 + lane;
+      if (!((taken >> q) & 1u) && p[q] > bv) bv = p[q], bj = j;  // ascending j: ties keep the lower
     }
-    if (rank == s) chosen = j;
-    if (rank < K) top += pj;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float v = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int j = __shfl_xor_sync(0xffffffffu, bj, o);
+      if (v > bv || (v == bv && j < bj)) bv = v, bj = j;
+    }
+    if (bj == 0x7fffffff || bv < 0.f) break;  // fewer than K experts left (NaN probabilities compare false)
+    if ((bj & 31) == lane) taken |= 1u << (bj >> 5);
+    if (round == s) chosen = bj, chosen_p = bv;
+    top += bv;
   }
-  top = block_reduce(top, false, red);  // its barriers also publish `chosen`
-  const int e = chosen;
-  float wt = e >= 0 ? p[e] : 0.f;
+  float wt = chosen >= 0 ? chosen_p : 0.f;
   if (renorm) wt /= top + 1e-20f;
   *w = wt * scale;
-  return e;
+  return chosen;
 }
 
-// grid (ceil(E / warps), T), block (32 * warps): logits[t, e] = x[t] . w_r[e] in f32. x (T, H) bf16,
-// w_r (E, H) f32, logits (T, E) f32.
-extern "C" __global__ void moe_router(const bf16* __restrict__ x, const float* __restrict__ w_r,
+// grid (ceil(E / warps), T), block (32 * warps), dynamic shared memory H bf16 (H <= STAGE_CHUNKS * 8 *
+// 32 * warps): logits[t, e] = xn[t] . w_r[e] in f32. x (T, H) bf16, w_r (E, H) f32, logits (T, E) f32. With norm_w (H) bf16 given, xn = rmsnorm(x) * norm_w with
+// transformers' rounding (bf16 after the normalisation, bf16 after the weight), and the x == 0 blocks
+// write xn to xn_out (T, H) bf16 for moe_gate_up; without it xn = x.
+extern "C" __global__ void moe_router(const bf16* __restrict__ x, const bf16* __restrict__ norm_w, float eps,
+                                      bf16* __restrict__ xn_out, const float* __restrict__ w_r,
                                       float* __restrict__ logits, int H, int E) {
+  extern __shared__ __align__(16) bf16 xs[];  // H: the token's (normalised) row
+  __shared__ float red[33];
   const int t = blockIdx.y;
   const int lane = threadIdx.x & 31;
   const int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  stage_row(x + (i64)t * H, norm_w, eps, H, xs, red);
+  if (norm_w != 0 && blockIdx.x == 0)
+    for (int c = threadIdx.x * 8; c < H; c += blockDim.x * 8)
+      *reinterpret_cast<uint4*>(xn_out + (i64)t * H + c) = *reinterpret_cast<const uint4*>(xs + c);
   if (e >= E) return;
-  const bf16* xr = x + (i64)t * H;
   const float* wr = w_r + (i64)e * H;
   float acc = 0.f;
 #pragma unroll 4
-  for (int c = lane * 8; c < H; c += 256) {
-    acc += dot8f(*reinterpret_cast<const uint4*>(xr + c), *reinterpret_cast<const float4*>(wr + c),
+  for (int c = lane * 8; c < H; c += 256)
+    acc += dot8f(*reinterpret_cast<const uint4*>(xs + c), *reinterpret_cast<const float4*>(wr + c),
                  *reinterpret_cast<const float4*>(wr + c + 4));
-  }
   acc = warp_sum(acc);
   if (lane == 0) logits[(i64)t * E + e] = acc;
 }
@@ -103,27 +125,32 @@ __device__ __forceinline__ float swiglu_row(const bf16* __restrict__ g, const bf
   return sg / (1.f + __expf(-sg)) * su;
 }
 
-// grid (ceil(max(I, Is) / warps), T * W + (Is > 0 ? T : 0)), block (32 * warps).
-// Routed pairs (y < T * W): expert from ids (route = 0; (T, W) i64, row stride ld) or from the logits
-// (route = 1; (T, E) f32, writes ids_out (T, W) i64 and w_out (T, W) f32 from the x == 0 block); rows of
-// w_gu (E, 2I, H) bf16 into act (T * W, I) f32.
-// Shared rows (y >= T * W, token y - T * W): s_g, s_u (Is, H) bf16 into act_s (T, Is) f32; with s_gate
-// (H) bf16 given, the x == 0 block also writes g[t] = sigmoid(x[t] . s_gate) (else moe_down uses 1).
+// grid (T * W * BR + (Is > 0 ? T * BS : 0)), block (32 * warps), BR = ceil(I / warps), BS = ceil(Is /
+// warps): one output row per warp, blocks [0, T * W * BR) for the routed pairs (pair p = block / BR),
+// the rest for the shared expert of each token.
+// Routed pairs: expert from ids (route = 0; (T, W) i64, row stride ld) or from the logits (route = 1;
+// (T, E) f32, every warp ranks the token's experts itself; the first block of each pair writes ids_out
+// (T, W) i64 and w_out (T, W) f32); rows of w_gu (E, 2I, H) bf16 into act (T * W, I) bf16.
+// Shared rows: s_g, s_u (Is, H) bf16 into act_s (T, Is) bf16; with s_gate (H) bf16 given, the first
+// shared block of token t also writes g[t] = sigmoid(x[t] . s_gate) (else moe_down uses 1).
 extern "C" __global__ void moe_gate_up(const bf16* __restrict__ x, const i64* __restrict__ ids,
                                        const float* __restrict__ logits, const bf16* __restrict__ w_gu,
-                                       float* __restrict__ act, i64* __restrict__ ids_out,
+                                       bf16* __restrict__ act, i64* __restrict__ ids_out,
                                        float* __restrict__ w_out, const bf16* __restrict__ s_g,
-                                       const bf16* __restrict__ s_u, float* __restrict__ act_s,
+                                       const bf16* __restrict__ s_u, bf16* __restrict__ act_s,
                                        const bf16* __restrict__ s_gate, float* __restrict__ g,
                                        int H, int I, int W, int E, int ld, int Is, int T, int route,
                                        int renorm, float scale) {
-  const int pair = blockIdx.y;
-  const int lane = threadIdx.x & 31;
-  const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (pair >= T * W) {  // the shared expert of token t
-    const int t = pair - T * W;
+  const int warps = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int BR = (I + warps - 1) / warps;
+  const int routed = T * W * BR;
+  if ((int)blockIdx.x >= routed) {  // the shared expert of token t
+    const int BS = (Is + warps - 1) / warps;
+    const int b = blockIdx.x - routed, t = b / BS;
+    const int r = (b % BS) * warps + warp;
     const bf16* xr = x + (i64)t * H;
-    if (s_gate != 0 && blockIdx.x == 0 && threadIdx.x < 32) {
+    if (s_gate != 0 && b % BS == 0 && warp == 0) {
       float d = 0.f;
       for (int c = lane * 8; c < H; c += 256)
         d += dot8(*reinterpret_cast<const uint4*>(s_gate + c), *reinterpret_cast<const uint4*>(xr + c));
@@ -132,15 +159,16 @@ extern "C" __global__ void moe_gate_up(const bf16* __restrict__ x, const i64* __
     }
     if (r >= Is) return;
     const float v = swiglu_row(s_g + (i64)r * H, s_u + (i64)r * H, xr, H, lane);
-    if (lane == 0) act_s[(i64)t * Is + r] = v;
+    if (lane == 0) act_s[(i64)t * Is + r] = to_bf16(v);
     return;
   }
-  const int t = pair / W;
+  const int pair = blockIdx.x / BR, t = pair / W;
+  const int r = (blockIdx.x % BR) * warps + warp;
   i64 e;
   if (route) {
     float w;
-    e = route_slot(logits + (i64)t * E, E, W, pair % W, renorm, scale, &w);
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
+    e = warp_route(logits + (i64)t * E, E, W, pair % W, renorm, scale, &w);
+    if (blockIdx.x % BR == 0 && threadIdx.x == 0) {
       ids_out[pair] = e;
       w_out[pair] = w;
     }
@@ -148,14 +176,14 @@ extern "C" __global__ void moe_gate_up(const bf16* __restrict__ x, const i64* __
     e = ids[(i64)t * ld + pair % W];
   }
   if (r >= I) return;
-  float* out = act + (i64)pair * I + r;
+  bf16* out = act + (i64)pair * I + r;
   if (e < 0 || e >= E) {
-    if (lane == 0) *out = 0.f;
+    if (lane == 0) *out = 0;
     return;
   }
   const bf16* gr = w_gu + (e * 2 * I + r) * (i64)H;
   const float v = swiglu_row(gr, gr + (i64)I * H, x + (i64)t * H, H, lane);
-  if (lane == 0) *out = v;
+  if (lane == 0) *out = to_bf16(v);
 }
 
 // The mixing weight of slot s of token t. gather = 0: mix is (T, W), the weights themselves. gather = 1:
@@ -178,33 +206,34 @@ __device__ __forceinline__ float slot_weight(const float* mix, const i64* ids, i
   return w * scale;
 }
 
-// One warp's dot of a bf16 row with an f32 vector over I (16-byte loads).
-__device__ __forceinline__ float row_dot(const bf16* __restrict__ wr, const float* __restrict__ a, int I,
+// One warp's dot of two bf16 rows over I (16-byte loads).
+__device__ __forceinline__ float row_dot(const bf16* __restrict__ wr, const bf16* __restrict__ a, int I,
                                          int lane) {
   float acc = 0.f;
 #pragma unroll 4
-  for (int j = lane * 8; j < I; j += 256) {
-    acc += dot8f(*reinterpret_cast<const uint4*>(wr + j), *reinterpret_cast<const float4*>(a + j),
-                 *reinterpret_cast<const float4*>(a + j + 4));
-  }
+  for (int j = lane * 8; j < I; j += 256)
+    acc += dot8(*reinterpret_cast<const uint4*>(wr + j), *reinterpret_cast<const uint4*>(a + j));
   return acc;
 }
 
 // grid (H, T), block (32 * warps), warps = min(W + (Is > 0), 8): one output c of token t per block; warp w
 // takes slots w, w + warps, ... (then the shared expert as one more unit), and the warps' sums meet in
-// shared memory in warp order (deterministic). act (T * W, I) f32, ids (T, W) i64 (row stride ld), mix
+// shared memory in warp order (deterministic). act (T * W, I) bf16, ids (T, W) i64 (row stride ld), mix
 // (see slot_weight), w_d (E, H, I) bf16, out (T, H) bf16. With Is > 0, adds g[t] (1 when g is null)
-// times the shared expert's down row s_d (H, Is) bf16 applied to act_s (T, Is) f32. Spreading a row's
-// slots over warps keeps ~7x more loads in flight than one warp per row (measured on the H200).
-extern "C" __global__ void moe_down(const float* __restrict__ act, const i64* __restrict__ ids,
+// times the shared expert's down row s_d (H, Is) bf16 applied to act_s (T, Is) bf16. With res (T, H)
+// bf16 given, out = res + the sum (the decoder's residual add). Spreading a row's slots over warps keeps
+// ~7x more loads in flight than one warp per row (measured on the H200).
+extern "C" __global__ void moe_down(const bf16* __restrict__ act, const i64* __restrict__ ids,
                                     const float* __restrict__ mix, const bf16* __restrict__ w_d,
-                                    bf16* __restrict__ out, const float* __restrict__ act_s,
-                                    const bf16* __restrict__ s_d, const float* __restrict__ g, int H, int I,
-                                    int W, int E, int ld, int Is, int gather, int renorm, float scale) {
+                                    bf16* __restrict__ out, const bf16* __restrict__ act_s,
+                                    const bf16* __restrict__ s_d, const float* __restrict__ g,
+                                    const bf16* __restrict__ res, int H, int I, int W, int E, int ld, int Is,
+                                    int gather, int renorm, float scale) {
   __shared__ float red[8];
   const int t = blockIdx.y, c = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int units = W + (Is > 0 ? 1 : 0);
+  const float rv = res != 0 && threadIdx.x == 0 ? bf(res[(i64)t * H + c]) : 0.f;  // loaded early
   float total = 0.f;
   for (int u = warp; u < units; u += warps) {
     if (u < W) {
@@ -223,6 +252,6 @@ extern "C" __global__ void moe_down(const float* __restrict__ act, const i64* __
   if (threadIdx.x == 0) {
     float sum = 0.f;
     for (int w = 0; w < warps; ++w) sum += red[w];
-    out[(i64)t * H + c] = to_bf16(sum);
+    out[(i64)t * H + c] = to_bf16(sum + rv);
   }
 }

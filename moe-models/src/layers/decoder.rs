@@ -58,6 +58,13 @@ pub trait SelfAttention {
     /// Attend for the `(b, t, h)` normalised hidden states `x` of layer `layer`, appending to
     /// `ctx.cache` when present; returns `(b, t, h)`.
     fn forward(&self, layer: usize, x: &Tensor, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor>;
+
+    /// The decoder's attention half: `x + forward(norm(x))` for the residual stream `x` `(b, t, h)`. A
+    /// family overrides it to fold the norm and the add into its decode kernels.
+    fn forward_residual(&self, layer: usize, x: &Tensor, norm: &RmsNorm, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
+        let a = self.forward(layer, &norm.forward(x)?, step, ctx)?;
+        Ok(x.f_add(&a)?)
+    }
 }
 
 /// A layer's feed-forward block.
@@ -263,19 +270,17 @@ impl<A: SelfAttention> Decoder<A> {
     /// `x + self_attn(input_layernorm(x))` of layer `i` (appends to `ctx.cache` when present).
     pub fn attention_half(&self, i: usize, x: &Tensor, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
         let layer = &self.layers[i];
-        let a = layer.self_attn.forward(i, &layer.input_layernorm.forward(x)?, step, ctx)?;
-        Ok(x.f_add(&a)?)
+        layer.self_attn.forward_residual(i, x, &layer.input_layernorm, step, ctx)
     }
 
     /// `x + mlp(post_attention_layernorm(x))` of layer `i` (a MoE block calls `ctx.policy`).
     pub fn feed_forward_half(&self, i: usize, x: &Tensor, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
         let layer = &self.layers[i];
-        let hn = layer.post_attention_layernorm.forward(x)?;
-        let f = match &layer.mlp {
-            Ffn::Dense(mlp) => mlp.forward(&hn).ctx(format!("layers.{i}.mlp"))?,
-            Ffn::Moe(moe) => moe.forward(i, &hn, &step.tokens, ctx)?,
-        };
-        Ok(x.f_add(&f)?)
+        let norm = &layer.post_attention_layernorm;
+        match &layer.mlp {
+            Ffn::Dense(mlp) => Ok(x.f_add(&mlp.forward(&norm.forward(x)?).ctx(format!("layers.{i}.mlp"))?)?),
+            Ffn::Moe(moe) => moe.forward_residual(i, x, norm, &step.tokens, ctx),
+        }
     }
 
     /// The last piece of a forward pass: the final norm.

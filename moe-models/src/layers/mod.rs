@@ -37,6 +37,11 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.f_linear(&self.weight, self.bias.as_ref()).ctx("linear")
     }
+
+    /// This layer as an input of the fused projection kernel ([`crate::kernels::project`]).
+    pub fn projection(&self) -> crate::kernels::Projection<'_> {
+        crate::kernels::Projection { weight: &self.weight, bias: self.bias.as_ref() }
+    }
 }
 
 /// Root-mean-square layer norm, computed in f32 and cast back before the weight, as transformers does.

@@ -17,7 +17,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::mlp::Mlp;
 use crate::kernels::{MixWeights, MoeCall, Routing, SharedExpert};
-use super::Linear;
+use super::{Linear, RmsNorm};
 use crate::ctx::{Dispatch, ForwardCtx, LayerRoute, Renormalize};
 use crate::error::{Error, Result, TorchContext};
 use crate::loader::VarBuilder;
@@ -103,7 +103,7 @@ impl Experts {
     /// The fused decode kernels ([`crate::kernels::fused_moe`]) over these experts, with `routing` and
     /// optionally a shared expert added in the same kernels.
     pub fn forward_fused(&self, x: &Tensor, routing: Routing<'_>, shared: Option<SharedExpert<'_>>) -> Result<Tensor> {
-        let call = MoeCall { x, routing, gate_up: &self.gate_up_proj, down: &self.down_proj, shared };
+        let call = MoeCall { x, norm: None, residual: None, routing, gate_up: &self.gate_up_proj, down: &self.down_proj, shared };
         crate::kernels::fused_moe(&call)
     }
 
@@ -359,26 +359,63 @@ impl MoeBlock {
         no_bias.then_some(SharedExpert { gate: &s.gate_proj.weight, up: &s.up_proj.weight, down: &s.down_proj.weight, gate_logit })
     }
 
+    /// The `k` of plain top-k routing inside the fused kernels, when this step takes it: the policy is a
+    /// fixed top-k at this size, decode sizes on CUDA bf16, greedy routing, no padding, no trace.
+    fn in_kernel_k(&self, layer: usize, xf: &Tensor, tokens: &TokenInfo, ctx: &ForwardCtx<'_>) -> Option<i64> {
+        let n = xf.size()[0];
+        let may_fuse = !matches!(ctx.dispatch, Dispatch::Grouped | Dispatch::PerExpert);
+        let e = self.experts.num_experts;
+        ctx.policy.fixed_top_k(layer, n as usize).map(|k| k as i64).filter(|&k| {
+            may_fuse
+                && ctx.trace.is_none()
+                && tokens.mask.is_none()
+                && self.topk_method == TopkMethod::Greedy
+                && (1..=e).contains(&k)
+                && e <= crate::kernels::FUSED_MOE_MAX_EXPERTS
+                && crate::kernels::fused_moe_available(xf, n * k, &self.experts.gate_up_proj)
+        })
+    }
+
+    /// The decoder's feed-forward half of model layer `layer`: `x + forward(norm(x))` for the residual
+    /// stream `x` `(b, t, h)`. When the in-kernel top-k applies (and `ctx.fuse_decode`), the norm runs
+    /// inside the router kernel and the add inside the last expert kernel: two libtorch kernels fewer
+    /// per layer at batch-1 decode.
+    pub fn forward_residual(&self, layer: usize, x: &Tensor, norm: &RmsNorm, tokens: &TokenInfo, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
+        let size = x.size();
+        let h = size[size.len() - 1];
+        let xf = x.f_reshape([-1, h])?;
+        let shared_fuses = self.shared_experts.is_none() || self.shared().is_some();
+        let bf16_norm = norm.weight.kind() == Kind::BFloat16;
+        if let Some(k) = self.in_kernel_k(layer, &xf, tokens, ctx).filter(|_| ctx.fuse_decode && shared_fuses && bf16_norm) {
+            {
+                let m = self.mixing.get(ctx.renormalize);
+                let call = MoeCall {
+                    x: &xf,
+                    norm: Some((&norm.weight, norm.eps)),
+                    residual: Some(&xf),
+                    routing: Routing::TopK { router: &self.gate, k, renormalize: m.renormalize, scale: m.scale },
+                    gate_up: &self.experts.gate_up_proj,
+                    down: &self.experts.down_proj,
+                    shared: self.shared(),
+                };
+                let out = crate::kernels::fused_moe(&call).ctx(format!("layers.{layer}.mlp (fused norm, top-k, residual)"))?;
+                return out.f_reshape(&size).ctx("moe");
+            }
+        }
+        let f = self.forward(layer, &norm.forward(x)?, tokens, ctx)?;
+        Ok(x.f_add(&f)?)
+    }
+
     /// Route and mix `x` `(b, t, h)` at model layer `layer`; returns `(b, t, h)`.
     pub fn forward(&self, layer: usize, x: &Tensor, tokens: &TokenInfo, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
         let size = x.size();
         let h = size[size.len() - 1];
         let xf = x.f_reshape([-1, h])?; // (n, h)
         let n = xf.size()[0];
-        let may_fuse = !matches!(ctx.dispatch, Dispatch::Grouped | Dispatch::PerExpert);
-        // Plain top-k at decode sizes: the router's top-k runs inside the fused kernels too (no probs or
-        // ids tensors; nothing to trace). Greedy routing and no padding only.
-        let in_kernel_k = ctx.policy.fixed_top_k(layer, n as usize).map(|k| k as i64).filter(|&k| {
-            may_fuse
-                && ctx.trace.is_none()
-                && tokens.mask.is_none()
-                && self.topk_method == TopkMethod::Greedy
-                && k >= 1
-                && k <= self.experts.num_experts.min(crate::kernels::FUSED_MOE_MAX_EXPERTS)
-                && crate::kernels::fused_moe_available(&xf, n * k, &self.experts.gate_up_proj)
-        });
         let m = self.mixing.get(ctx.renormalize);
-        if let Some(k) = in_kernel_k {
+        // Plain top-k at decode sizes: the router's top-k runs inside the fused kernels too (no probs or
+        // ids tensors; nothing to trace).
+        if let Some(k) = self.in_kernel_k(layer, &xf, tokens, ctx) {
             let routing = Routing::TopK { router: &self.gate, k, renormalize: m.renormalize, scale: m.scale };
             let out = self.experts.forward_fused(&xf, routing, self.shared()).ctx(format!("layers.{layer}.mlp (fused top-k)"))?;
             return self.add_unfused_shared(layer, &xf, out)?.f_reshape(&size).ctx("moe");

@@ -1,0 +1,66 @@
+//! The greedy next token of a decode step (`argmax.cu`): one kernel instead of libtorch's single-block
+//! reduction.
+
+use std::sync::OnceLock;
+
+use cuda_graph::jit::Arg;
+use tch::{Kind, Tensor};
+
+use super::{compiled, launch, Compiled};
+use crate::error::Result;
+
+static ARGMAX: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
+pub(super) const ARGMAX_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("argmax.cu"));
+
+/// `logits.argmax(-1, keepdim = false)` for `(.., v)` bf16 logits on CUDA: the first index of each row's
+/// largest value, NaN counting as the largest (torch's rule), as i64 of shape `(..)`. `None` when the
+/// kernel does not apply (not CUDA bf16, `v` not a multiple of 8 or above `i32::MAX`, or it did not
+/// compile) and the caller uses libtorch.
+pub fn argmax(logits: &Tensor) -> Result<Option<Tensor>> {
+    let device = logits.device();
+    let size = logits.size();
+    let Some(&v) = size.last() else { return Ok(None) };
+    if !device.is_cuda() || logits.kind() != Kind::BFloat16 || v == 0 || v % 8 != 0 || v > i32::MAX as i64 {
+        return Ok(None);
+    }
+    let rows = logits.numel() as i64 / v;
+    if rows == 0 || rows > i32::MAX as i64 {
+        return Ok(None);
+    }
+    let Ok(k) = compiled(&ARGMAX, device, "argmax.cu", ARGMAX_SOURCE, &["argmax_bf16"]) else {
+        return Ok(None);
+    };
+    let logits = logits.contiguous();
+    let out = Tensor::f_empty(&size[..size.len() - 1], (Kind::Int64, device))?;
+    launch(k[0], [rows as u32, 1, 1], [1024, 1, 1], &[Arg::Tensor(&logits), Arg::Tensor(&out), Arg::I32(v as i32)])?;
+    Ok(Some(out))
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// On a GPU: the kernel gives torch.argmax's index on random rows, on rows with ties (the first
+    /// wins), with -inf everywhere, and with NaN (the first NaN wins).
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn argmax_matches_torch() {
+        let dev = Device::Cuda(0);
+        tch::manual_seed(4);
+        let mut x = Tensor::randn([3, 1, 102400], (Kind::Float, dev)).to_kind(Kind::BFloat16);
+        let _ = x.get(1).get(0).narrow(0, 5000, 1).fill_(1000.0);
+        let _ = x.get(1).get(0).narrow(0, 70000, 1).fill_(1000.0);
+        let _ = x.get(2).get(0).fill_(f64::NEG_INFINITY);
+        let got = argmax(&x).expect("argmax").expect("applies");
+        assert_eq!(got.size(), vec![3, 1]);
+        assert!(got.equal(&x.argmax(-1, false)), "{got:?}");
+        let _ = x.get(0).get(0).narrow(0, 777, 1).fill_(f64::NAN);
+        let _ = x.get(0).get(0).narrow(0, 900, 1).fill_(f64::NAN);
+        x = x.contiguous();
+        let got = argmax(&x).expect("argmax").expect("applies");
+        assert_eq!(got.int64_value(&[0, 0]), 777);
+        assert!(got.equal(&x.argmax(-1, false)), "{got:?}");
+    }
+}

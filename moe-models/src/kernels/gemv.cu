@@ -1,0 +1,90 @@
+// Projections of a few tokens (decode steps) in one kernel, with the RMSNorm before them and the residual
+// add after them folded in, compiled at run time by NVRTC.
+//
+// At batch 1 a projection is a matrix-vector product that cuBLAS runs at under half of the H200's
+// bandwidth (6.5 us for an 8 MB matrix), and the RMSNorm before it and the residual add after it are two
+// more kernels of ~4 and ~2 us. Here one kernel does
+//   xn[t]    = rmsnorm(x[t]) * norm_w        (when norm_w is given; transformers' rounding: bf16 after
+//                                             the normalisation, bf16 after the weight)
+//   o_s[t, r] = W_s[r] . xn[t] (+ b_s[r]) (+ res[t, r] for segment 0)      rounded to bf16 once
+// for up to three weight segments s that share the input (q, k, v; or q and kv_a), one warp per output
+// row. Every warp issues all of its row's 16-byte loads before the block stages the normalised inputs in
+// shared memory, so the weight reads overlap the norm.
+//
+// Shapes: x (T, H) bf16 contiguous, norm_w (H) bf16, W_s (R_s, H) bf16 contiguous, b_s (R_s) bf16, o_s
+// (T, R_s) bf16, res (T, R_0) bf16. Requirements (checked by the caller): H % 8 == 0, H <= STAGE_CHUNKS *
+// 8 * 32 * GEMV_WARPS, T * H bf16 fit the dynamic shared memory, T <= GEMV_MAX_T.
+
+#define GEMV_WARPS 8
+#define GEMV_MAX_T 8
+#define GEMV_CHUNKS 8  // 16-byte loads in flight per lane: rows up to 8 * 256 = 2048 wide in one pass
+
+// grid (ceil((R_0 + R_1 + R_2) / GEMV_WARPS)), block 32 * GEMV_WARPS, dynamic shared memory T * H bf16.
+extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
+gemv_norm(const bf16* __restrict__ x, int T, int H, const bf16* __restrict__ norm_w, float eps,
+          const bf16* __restrict__ w0, const bf16* __restrict__ b0, bf16* __restrict__ o0, int r0,
+          const bf16* __restrict__ w1, const bf16* __restrict__ b1, bf16* __restrict__ o1, int r1,
+          const bf16* __restrict__ w2, const bf16* __restrict__ b2, bf16* __restrict__ o2, int r2,
+          const bf16* __restrict__ res) {
+  extern __shared__ __align__(16) bf16 xs[];  // T * H
+  __shared__ float red[33];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int row = blockIdx.x * GEMV_WARPS + warp;
+  const bf16* W = w0;
+  const bf16* B = b0;
+  bf16* O = o0;
+  int R = r0;
+  bool add = res != 0;
+  if (row >= r0) {
+    row -= r0;
+    W = w1, B = b1, O = o1, R = r1, add = false;
+    if (row >= r1) {
+      row -= r1;
+      W = w2, B = b2, O = o2, R = r2;
+    }
+  }
+  const bool active = row < R;  // idle warps still take part in the block's staging
+  const bf16* wr = W + (i64)(active ? row : 0) * H;
+  uint4 wv[GEMV_CHUNKS];
+#pragma unroll
+  for (int k = 0; k < GEMV_CHUNKS; ++k) {
+    const int c = k * 256 + lane * 8;
+    if (active && c < H) wv[k] = *reinterpret_cast<const uint4*>(wr + c);
+  }
+  // The epilogue's bias and residual, and the staged (normalised) inputs, while those loads are in flight.
+  float extra[GEMV_MAX_T];
+#pragma unroll
+  for (int t = 0; t < GEMV_MAX_T; ++t) {
+    extra[t] = 0.f;
+    if (t < T && active && lane == 0) extra[t] = (B != 0 ? bf(B[row]) : 0.f) + (add ? bf(res[(i64)t * R + row]) : 0.f);
+  }
+  for (int t = 0; t < T; ++t) stage_row(x + (i64)t * H, norm_w, eps, H, xs + t * H, red);
+  if (!active) return;
+  float acc[GEMV_MAX_T];
+#pragma unroll
+  for (int t = 0; t < GEMV_MAX_T; ++t) acc[t] = 0.f;
+  for (int c0 = 0; c0 < H; c0 += GEMV_CHUNKS * 256) {
+    if (c0 > 0) {
+#pragma unroll
+      for (int k = 0; k < GEMV_CHUNKS; ++k) {
+        const int c = c0 + k * 256 + lane * 8;
+        if (c < H) wv[k] = *reinterpret_cast<const uint4*>(wr + c);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < GEMV_CHUNKS; ++k) {
+      const int c = c0 + k * 256 + lane * 8;
+      if (c < H) {
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_T; ++t)
+          if (t < T) acc[t] += dot8(wv[k], *reinterpret_cast<const uint4*>(xs + t * H + c));
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < GEMV_MAX_T; ++t) {
+    if (t >= T) break;
+    const float s = warp_sum(acc[t]);
+    if (lane == 0) O[(i64)t * R + row] = to_bf16(s + extra[t]);
+  }
+}
