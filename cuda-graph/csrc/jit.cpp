@@ -39,6 +39,8 @@ struct DriverApi {
   CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                              CUstream, void**, void**);
   CUresult (*cuGetErrorString)(CUresult, const char**);
+  // CUDA 12.0+; null on an older driver, where launches never overlap.
+  CUresult (*cuLaunchKernelEx)(const CUlaunchConfig*, CUfunction, void**, void**);
 };
 
 struct NvrtcApi {
@@ -151,6 +153,7 @@ const DriverApi& api() {
     sym(cuda, "cuModuleGetFunction", a.cuModuleGetFunction);
     sym(cuda, "cuLaunchKernel", a.cuLaunchKernel);
     sym(cuda, "cuGetErrorString", a.cuGetErrorString);
+    a.cuLaunchKernelEx = reinterpret_cast<decltype(a.cuLaunchKernelEx)>(dlsym(cuda, "cuLaunchKernelEx"));
   });
 }
 
@@ -241,13 +244,32 @@ char* amoe_jit_function(void* module, const char* name, void** function) {
   });
 }
 
-// Launch on libtorch's current stream of `device`.
+// Launch on libtorch's current stream of `device`. With `programmatic`, the launch may begin while the
+// stream's previous kernel is still running (programmatic dependent launch, sm_90): the kernel must
+// execute `griddepcontrol.wait` before it touches memory that earlier work writes or reads. Without
+// cuLaunchKernelEx (a pre-12.0 driver) it is an ordinary launch.
 char* amoe_jit_launch(void* function, int device, const unsigned* grid, const unsigned* block, unsigned shared,
-                      void** args) {
+                      void** args, int programmatic) {
   return guarded([&] {
     auto stream = reinterpret_cast<CUstream>(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream());
-    check_cu(api().cuLaunchKernel(static_cast<CUfunction>(function), grid[0], grid[1], grid[2], block[0], block[1], block[2], shared, stream,
-                                  args, nullptr),
+    auto f = static_cast<CUfunction>(function);
+    if (programmatic != 0 && api().cuLaunchKernelEx != nullptr) {
+      CUlaunchAttribute attr;
+      std::memset(&attr, 0, sizeof(attr));
+      attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+      attr.value.programmaticStreamSerializationAllowed = 1;
+      CUlaunchConfig config;
+      std::memset(&config, 0, sizeof(config));
+      config.gridDimX = grid[0], config.gridDimY = grid[1], config.gridDimZ = grid[2];
+      config.blockDimX = block[0], config.blockDimY = block[1], config.blockDimZ = block[2];
+      config.sharedMemBytes = shared;
+      config.hStream = stream;
+      config.attrs = &attr;
+      config.numAttrs = 1;
+      check_cu(api().cuLaunchKernelEx(&config, f, args, nullptr), "cuLaunchKernelEx");
+      return;
+    }
+    check_cu(api().cuLaunchKernel(f, grid[0], grid[1], grid[2], block[0], block[1], block[2], shared, stream, args, nullptr),
              "cuLaunchKernel");
   });
 }

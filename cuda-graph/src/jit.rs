@@ -36,6 +36,7 @@ mod ffi {
             block: *const c_uint,
             shared: c_uint,
             args: *mut *mut c_void,
+            programmatic: c_int,
         ) -> *mut c_char;
         pub fn amoe_jit_check(source: *const c_char, name: *const c_char, arch: *const c_char) -> *mut c_char;
         pub fn amoe_jit_free_error(e: *mut c_char);
@@ -159,6 +160,25 @@ impl Function {
     /// (which must stay alive until the kernel has run, as libtorch's caching allocator ensures for
     /// tensors used on the same stream).
     pub unsafe fn launch(&self, grid: [u32; 3], block: [u32; 3], shared: u32, args: &[Arg<'_>]) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.launch_with(grid, block, shared, args, false) }
+    }
+
+    /// [`Function::launch`] as a programmatic dependent launch (sm_90 and later): the kernel's blocks may
+    /// start while the stream's previous kernel is still running, so a kernel can read its weights
+    /// while its predecessor finishes. On older drivers it is an ordinary launch. It is captured into
+    /// CUDA graphs like any launch.
+    ///
+    /// # Safety
+    /// As [`Function::launch`], and the kernel executes `griddepcontrol.wait` (which waits for the
+    /// previous kernel to finish and its writes to be visible) before it reads or writes any memory
+    /// that earlier work on the stream writes or reads; before it, only immutable inputs (weights).
+    pub unsafe fn launch_dependent(&self, grid: [u32; 3], block: [u32; 3], shared: u32, args: &[Arg<'_>]) -> Result<(), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.launch_with(grid, block, shared, args, true) }
+    }
+
+    unsafe fn launch_with(&self, grid: [u32; 3], block: [u32; 3], shared: u32, args: &[Arg<'_>], programmatic: bool) -> Result<(), Error> {
         // Each argument's value, stored where the driver can read it through a pointer.
         let mut values: Vec<u64> = Vec::with_capacity(args.len());
         for a in args {
@@ -182,12 +202,12 @@ impl Function {
         {
             // SAFETY: the caller upholds the kernel's contract; `ptrs` outlives the call.
             check("jit launch", unsafe {
-                ffi::amoe_jit_launch(self.raw, self.device, grid.as_ptr(), block.as_ptr(), shared, ptrs.as_mut_ptr())
+                ffi::amoe_jit_launch(self.raw, self.device, grid.as_ptr(), block.as_ptr(), shared, ptrs.as_mut_ptr(), std::ffi::c_int::from(programmatic))
             })
         }
         #[cfg(not(cuda_graph))]
         {
-            let _ = (grid, block, shared, &mut ptrs);
+            let _ = (grid, block, shared, &mut ptrs, programmatic);
             Err(Error::NotCompiled)
         }
     }

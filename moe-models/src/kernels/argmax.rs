@@ -1,21 +1,23 @@
-//! The greedy next token of a decode step (`argmax.cu`): one kernel instead of libtorch's single-block
-//! reduction.
+//! The greedy next token of a decode step (`argmax.cu`): two small kernels over many SMs instead of
+//! libtorch's single-block reduction.
 
 use std::sync::OnceLock;
 
 use cuda_graph::jit::Arg;
 use tch::{Kind, Tensor};
 
-use super::{compiled, launch, Compiled};
+use super::{compiled, launch_dependent, Compiled};
 use crate::error::Result;
 
 static ARGMAX: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
 pub(super) const ARGMAX_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("argmax.cu"));
+/// Blocks per row (`ARGMAX_PARTS` in `argmax.cu`).
+const PARTS: i64 = 64;
 
 /// `logits.argmax(-1, keepdim = false)` for `(.., v)` bf16 logits on CUDA: the first index of each row's
 /// largest value, NaN counting as the largest (torch's rule), as i64 of shape `(..)`. `None` when the
-/// kernel does not apply (not CUDA bf16, `v` not a multiple of 8 or above `i32::MAX`, or it did not
-/// compile) and the caller uses libtorch.
+/// kernels do not apply (not CUDA bf16, `v` not a multiple of 8 or above `i32::MAX`, more than 65535
+/// rows, or they did not compile) and the caller uses libtorch.
 pub fn argmax(logits: &Tensor) -> Result<Option<Tensor>> {
     let device = logits.device();
     let size = logits.size();
@@ -27,12 +29,18 @@ pub fn argmax(logits: &Tensor) -> Result<Option<Tensor>> {
     if rows == 0 || rows > i32::MAX as i64 {
         return Ok(None);
     }
-    let Ok(k) = compiled(&ARGMAX, device, "argmax.cu", ARGMAX_SOURCE, &["argmax_bf16"]) else {
+    if rows > 65535 {
+        return Ok(None); // grid y
+    }
+    let Ok(k) = compiled(&ARGMAX, device, "argmax.cu", ARGMAX_SOURCE, &["argmax_part", "argmax_final"]) else {
         return Ok(None);
     };
     let logits = logits.contiguous();
     let out = Tensor::f_empty(&size[..size.len() - 1], (Kind::Int64, device))?;
-    launch(k[0], [rows as u32, 1, 1], [1024, 1, 1], &[Arg::Tensor(&logits), Arg::Tensor(&out), Arg::I32(v as i32)])?;
+    let pv = Tensor::f_empty([rows, PARTS], (Kind::Float, device))?;
+    let pi = Tensor::f_empty([rows, PARTS], (Kind::Int, device))?;
+    launch_dependent(k[0], [PARTS as u32, rows as u32, 1], [256, 1, 1], 0, &[Arg::Tensor(&logits), Arg::Tensor(&pv), Arg::Tensor(&pi), Arg::I32(v as i32)])?;
+    launch_dependent(k[1], [rows as u32, 1, 1], [32, 1, 1], 0, &[Arg::Tensor(&pv), Arg::Tensor(&pi), Arg::Tensor(&out)])?;
     Ok(Some(out))
 }
 

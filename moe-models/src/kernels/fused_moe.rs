@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use cuda_graph::jit::{Arg, Function};
 use tch::{Device, Kind, Tensor};
 
-use super::{compiled, launch, launch_shared, Compiled};
+use super::{compiled, launch_dependent, Compiled};
 use crate::error::{Error, Result};
 
 /// The largest `tokens x slots` the fused path takes; above it the grouped GEMMs win.
@@ -18,9 +18,32 @@ const WARPS: u32 = 4;
 static MOE: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
 pub(super) const MOE_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("moe_decode.cu"));
 
-/// `[moe_router, moe_gate_up, moe_down]`.
+/// `[moe_router, moe_down_1, moe_down_2, moe_down_4, moe_gate_up_64, moe_gate_up_128, moe_gate_up_256]`.
 fn moe_kernels(device: Device) -> Result<&'static [Function]> {
-    compiled(&MOE, device, "moe_decode.cu", MOE_SOURCE, &["moe_router", "moe_gate_up", "moe_down"])
+    let names = ["moe_router", "moe_down_1", "moe_down_2", "moe_down_4", "moe_gate_up_64", "moe_gate_up_128", "moe_gate_up_256"];
+    compiled(&MOE, device, "moe_decode.cu", MOE_SOURCE, &names)
+}
+
+/// The `moe_gate_up` variant whose top-k ranks `e` experts with the fewest registers (see
+/// [`moe_kernels`]).
+fn gate_up_variant(k: &[Function], e: i64) -> Function {
+    match e {
+        ..=64 => k[4],
+        65..=128 => k[5],
+        _ => k[6],
+    }
+}
+
+/// The `moe_down` variant for `n` tokens of `units` warps each (slots, plus the shared expert) over `h`
+/// outputs, and its columns per block: the most columns (fewer blocks, about one wave) that still leave
+/// ~3000 warps in the grid to keep the weight reads in flight (measured on the H200: 4 columns for
+/// V2-Lite's 6 slots + shared, 2-column and 1-column grids for fewer slots).
+fn down_variant(k: &[Function], n: i64, units: i64, h: i64) -> (Function, i64) {
+    match [4i64, 2].into_iter().find(|&c| h / c * n * units >= 3000) {
+        Some(4) => (k[3], 4),
+        Some(_) => (k[2], 2),
+        None => (k[1], 1),
+    }
 }
 
 /// The most routed experts the in-kernel top-k ranks (`MAX_EXPERTS` in `moe_decode.cu`).
@@ -213,8 +236,10 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
     // One output row per warp (more rows per warp measured slower on the H200: fewer warps in flight);
     // blocks for each routed pair's I rows, then for each token's Is shared rows.
     let grid_gu = [rows(i) * (n * w) as u32 + rows(is_) * n as u32, 1, 1];
-    let grid_down = [h as u32, n as u32, 1];
-    let block_down = [32 * (w + i64::from(is_ > 0)).clamp(1, 8) as u32, 1, 1];
+    let units = (w + i64::from(is_ > 0)).clamp(1, 8);
+    let (down_kernel, cols) = down_variant(k, n, units, h);
+    let grid_down = [(h / cols) as u32, n as u32, 1];
+    let block_down = [32 * units as u32, 1, 1];
     match routing {
         Routing::Chosen { ids, mix } => {
             // Rows of ids may be strided (a policy's narrowed sort); elements must be adjacent.
@@ -230,14 +255,14 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
                 Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(ld as i32),
                 Arg::I32(is_ as i32), Arg::I32(n as i32), Arg::I32(0), Arg::I32(0), Arg::F32(1.0),
             ];
-            launch(k[1], grid_gu, block, &gu)?;
+            launch_dependent(gate_up_variant(k, e), grid_gu, block, 0, &gu)?;
             let dn = [
                 Arg::Tensor(&act), Arg::Tensor(&ids), Arg::Tensor(&mix_t), Arg::Tensor(down), Arg::Tensor(&out), Arg::Tensor(&act_s),
                 sd, if shared.is_some_and(|s| s.gate_logit.is_some()) { Arg::Tensor(&gate_w) } else { null }, res,
                 Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(ld as i32),
                 Arg::I32(is_ as i32), Arg::I32(gather), Arg::I32(renorm), Arg::F32(scale as f32),
             ];
-            launch(k[2], grid_down, block_down, &dn)?;
+            launch_dependent(down_kernel, grid_down, block_down, 0, &dn)?;
         }
         Routing::TopK { router, renormalize, scale, .. } => {
             let logits = f32s(&[n, e])?;
@@ -249,21 +274,21 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
                 Arg::Tensor(&x), norm.map_or(null, |(nw, _)| Arg::Tensor(nw)), Arg::F32(norm.map_or(0.0, |(_, eps)| eps as f32)),
                 Arg::Tensor(&xn), Arg::Tensor(router), Arg::Tensor(&logits), Arg::I32(h as i32), Arg::I32(e as i32),
             ];
-            launch_shared(k[0], [rows(e), n as u32, 1], block, (h * 2) as u32, &r)?;
+            launch_dependent(k[0], [rows(e), n as u32, 1], block, (h * 2) as u32, &r)?;
             let gu = [
                 Arg::Tensor(&xn), null, Arg::Tensor(&logits), Arg::Tensor(gate_up), Arg::Tensor(&act), Arg::Tensor(&owned_ids),
                 Arg::Tensor(&wts), sg, su, Arg::Tensor(&act_s), sgate, Arg::Tensor(&gate_w),
                 Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(w as i32),
                 Arg::I32(is_ as i32), Arg::I32(n as i32), Arg::I32(1), Arg::I32(renormalize as i32), Arg::F32(scale as f32),
             ];
-            launch(k[1], grid_gu, block, &gu)?;
+            launch_dependent(gate_up_variant(k, e), grid_gu, block, 0, &gu)?;
             let dn = [
                 Arg::Tensor(&act), Arg::Tensor(&owned_ids), Arg::Tensor(&wts), Arg::Tensor(down), Arg::Tensor(&out),
                 Arg::Tensor(&act_s), sd, if shared.is_some_and(|s| s.gate_logit.is_some()) { Arg::Tensor(&gate_w) } else { null }, res,
                 Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(w as i32),
                 Arg::I32(is_ as i32), Arg::I32(0), Arg::I32(0), Arg::F32(1.0),
             ];
-            launch(k[2], grid_down, block_down, &dn)?;
+            launch_dependent(down_kernel, grid_down, block_down, 0, &dn)?;
         }
     }
     Ok(out)

@@ -8,19 +8,23 @@
 //                                             the normalisation, bf16 after the weight)
 //   o_s[t, r] = W_s[r] . xn[t] (+ b_s[r]) (+ res[t, r] for segment 0)      rounded to bf16 once
 // for up to three weight segments s that share the input (q, k, v; or q and kv_a), one warp per output
-// row. Every warp issues all of its row's 16-byte loads before the block stages the normalised inputs in
-// shared memory, so the weight reads overlap the norm.
+// row. Every warp prefetches its row into L2 before the block stages the normalised inputs in shared
+// memory (and, launched as a programmatic dependent, while the previous kernel finishes), so the weight
+// reads overlap the norm without holding registers (holding the row in registers
+// across the staging took 105 registers a thread: two waves of blocks, 12 us for DeepSeek-V2-Lite's q and
+// kv_a projections on an H200).
 //
 // Shapes: x (T, H) bf16 contiguous, norm_w (H) bf16, W_s (R_s, H) bf16 contiguous, b_s (R_s) bf16, o_s
-// (T, R_s) bf16, res (T, R_0) bf16. Requirements (checked by the caller): H % 8 == 0, H <= STAGE_CHUNKS *
+// (T, R_s) bf16, res (T, R_0) bf16. Requirements (checked by the caller): H % 8 == 0, H <= GEMV_STAGE *
 // 8 * 32 * GEMV_WARPS, T * H bf16 fit the dynamic shared memory, T <= GEMV_MAX_T.
 
-#define GEMV_WARPS 8
+#define GEMV_WARPS 4
 #define GEMV_MAX_T 8
 #define GEMV_CHUNKS 8  // 16-byte loads in flight per lane: rows up to 8 * 256 = 2048 wide in one pass
+#define GEMV_STAGE 4   // staged 16-byte chunks per thread: rows up to 4 * 8 * 128 = 4096 wide
 
 // grid (ceil((R_0 + R_1 + R_2) / GEMV_WARPS)), block 32 * GEMV_WARPS, dynamic shared memory T * H bf16.
-extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
+extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, 8)
 gemv_norm(const bf16* __restrict__ x, int T, int H, const bf16* __restrict__ norm_w, float eps,
           const bf16* __restrict__ w0, const bf16* __restrict__ b0, bf16* __restrict__ o0, int r0,
           const bf16* __restrict__ w1, const bf16* __restrict__ b1, bf16* __restrict__ o1, int r1,
@@ -45,21 +49,27 @@ gemv_norm(const bf16* __restrict__ x, int T, int H, const bf16* __restrict__ nor
   }
   const bool active = row < R;  // idle warps still take part in the block's staging
   const bf16* wr = W + (i64)(active ? row : 0) * H;
-  uint4 wv[GEMV_CHUNKS];
-#pragma unroll
-  for (int k = 0; k < GEMV_CHUNKS; ++k) {
-    const int c = k * 256 + lane * 8;
-    if (active && c < H) wv[k] = *reinterpret_cast<const uint4*>(wr + c);
-  }
-  // The epilogue's bias and residual, and the staged (normalised) inputs, while those loads are in flight.
+  // Ask for the row now, into L2 (no registers held: eight 128-thread blocks fit an SM, so the whole grid
+  // is in flight at once), and read it after the inputs are staged.
+  if (active) warp_prefetch(wr, (i64)H * 2, lane);
+  const float bias = active && lane == 0 && B != 0 ? bf(B[row]) : 0.f;
+  pdl_wait();  // the inputs and the residual come from earlier kernels
+  pdl_release();
+  // The epilogue's residual, and the staged (normalised) inputs, while the prefetches are in flight.
   float extra[GEMV_MAX_T];
 #pragma unroll
   for (int t = 0; t < GEMV_MAX_T; ++t) {
     extra[t] = 0.f;
-    if (t < T && active && lane == 0) extra[t] = (B != 0 ? bf(B[row]) : 0.f) + (add ? bf(res[(i64)t * R + row]) : 0.f);
+    if (t < T && active && lane == 0) extra[t] = bias + (add ? bf(res[(i64)t * R + row]) : 0.f);
   }
-  for (int t = 0; t < T; ++t) stage_row(x + (i64)t * H, norm_w, eps, H, xs + t * H, red);
+  for (int t = 0; t < T; ++t) stage_row<GEMV_STAGE>(x + (i64)t * H, norm_w, eps, H, xs + t * H, red);
   if (!active) return;
+  uint4 wv[GEMV_CHUNKS];
+#pragma unroll
+  for (int k = 0; k < GEMV_CHUNKS; ++k) {
+    const int c = k * 256 + lane * 8;
+    if (c < H) wv[k] = *reinterpret_cast<const uint4*>(wr + c);
+  }
   float acc[GEMV_MAX_T];
 #pragma unroll
   for (int t = 0; t < GEMV_MAX_T; ++t) acc[t] = 0.f;

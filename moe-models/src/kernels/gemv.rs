@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use cuda_graph::jit::Arg;
 use tch::{Kind, Tensor};
 
-use super::{compiled, launch_shared, Compiled};
+use super::{compiled, launch_dependent, Compiled};
 use crate::error::Result;
 
 static GEMV: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
@@ -14,7 +14,7 @@ pub(super) const GEMV_SOURCE: &str = concat!(include_str!("common.cuh"), include
 
 /// The most tokens [`project`] takes (`GEMV_MAX_T` in `gemv.cu`).
 pub const PROJECT_MAX_TOKENS: i64 = 8;
-const WARPS: i64 = 8;
+const WARPS: i64 = 4;
 /// Shared memory for the staged inputs (`T * H` bf16).
 const MAX_STAGED_BYTES: i64 = 48 * 1024;
 
@@ -42,7 +42,7 @@ pub struct Project<'a> {
 
 /// `[rmsnorm](x) W_s^T (+ b_s)` for each projection `s` in one kernel (plus `residual` on the first), as
 /// `(.., r_s)` bf16 tensors; `None` when the kernel does not apply (not CUDA bf16, more than
-/// [`PROJECT_MAX_TOKENS`] rows, sizes that are not multiples of 8, inputs wider than 16384, strided
+/// [`PROJECT_MAX_TOKENS`] rows, sizes that are not multiples of 8, inputs wider than 4096, strided
 /// weights, or it did not compile) and the caller uses libtorch.
 pub fn project(p: &Project<'_>) -> Result<Option<Vec<Tensor>>> {
     let (x, device) = (p.x, p.x.device());
@@ -54,7 +54,7 @@ pub fn project(p: &Project<'_>) -> Result<Option<Vec<Tensor>>> {
         && bf16_on(x)
         && (1..=PROJECT_MAX_TOKENS).contains(&t)
         && h % 8 == 0
-        && h <= 8 * 8 * 32 * WARPS
+        && h <= 4 * 8 * 32 * WARPS
         && t * h * 2 <= MAX_STAGED_BYTES
         && (1..=3).contains(&p.projections.len())
         && p.norm.is_none_or(|(w, _)| bf16_on(w) && w.size() == [h])
@@ -109,7 +109,7 @@ pub fn project(p: &Project<'_>) -> Result<Option<Vec<Tensor>>> {
     }
     args.push(residual.as_ref().map_or(null, Arg::Tensor));
     let grid = (rows as u32).div_ceil(WARPS as u32);
-    launch_shared(k[0], [grid, 1, 1], [32 * WARPS as u32, 1, 1], (t * h * 2) as u32, &args)?;
+    launch_dependent(k[0], [grid, 1, 1], [32 * WARPS as u32, 1, 1], (t * h * 2) as u32, &args)?;
     Ok(Some(outs))
 }
 

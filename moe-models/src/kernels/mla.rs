@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use cuda_graph::jit::Arg;
 use tch::{Kind, Tensor};
 
-use super::{compiled, launch, launch_shared, Compiled};
+use super::{compiled, launch_dependent, Compiled};
 use crate::error::Result;
 
 static MLA: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
@@ -154,19 +154,19 @@ pub fn mla_decode(a: &MlaDecode<'_>) -> Result<Option<Tensor>> {
         ]),
     }
     let kv_blocks = u32::from(a.prep.is_some());
-    launch(k[0], [nh as u32 + kv_blocks, (rank / 64) as u32, bt as u32], [256, 1, 1], &q_args)?;
+    launch_dependent(k[0], [nh as u32 + kv_blocks, (rank / 64) as u32, bt as u32], [256, 1, 1], 0, &q_args)?;
     let part_args = [
         Arg::Tensor(&qlat), Arg::Tensor(&roped), Arg::Tensor(a.ckv), Arg::I64(cs[0]), Arg::I64(cs[1]), Arg::Tensor(a.kpe),
         Arg::I64(ks[0]), Arg::I64(ks[1]), Arg::Tensor(a.bias), Arg::Tensor(&part_o), Arg::Tensor(&part_ml), Arg::I32(nh32),
         Arg::I32(t32), Arg::I32(s as i32), Arg::I32(p32), Arg::I32(r32), Arg::I32(splits as i32),
         Arg::F32(a.scale as f32),
     ];
-    launch_shared(k[1], [nh as u32, splits as u32, bt as u32], [256, 1, 1], part_shared as u32, &part_args)?;
+    launch_dependent(k[1], [nh as u32, splits as u32, bt as u32], [256, 1, 1], part_shared as u32, &part_args)?;
     let o_args = [
         Arg::Tensor(&part_o), Arg::Tensor(&part_ml), Arg::Tensor(a.w_uv_t), Arg::Tensor(&out), Arg::I32(nh32), Arg::I32(splits as i32),
         Arg::I32(r32), Arg::I32(v as i32),
     ];
-    launch(k[2], [nh as u32, (v / 32) as u32, bt as u32], [256, 1, 1], &o_args)?;
+    launch_dependent(k[2], [nh as u32, (v / 32) as u32, bt as u32], [256, 1, 1], 0, &o_args)?;
     Ok(Some(out))
 }
 

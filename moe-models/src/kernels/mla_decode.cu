@@ -58,6 +58,8 @@ mla_q(const bf16* __restrict__ q_nope, i64 qs_b, i64 qs_h, i64 qs_t, const bf16*
   const float* sn = sin_t + (i64)bt * (P / 2);
   if (h == NH) {  // the token's latent and k_pe, into the cache
     if (chunk != 0) return;
+    pdl_wait();
+    pdl_release();
     const i64 slot = slots[t];
     const bf16* in = kv_in + (i64)bt * (R + P);
     uint4 xv = make_uint4(0, 0, 0, 0), nv = xv;
@@ -82,24 +84,24 @@ mla_q(const bf16* __restrict__ q_nope, i64 qs_b, i64 qs_h, i64 qs_t, const bf16*
       rope_pair(in + R, 1, kpe + b * k_b + slot * k_s, j, P, interleaved, cs[j], sn[j]);
     return;
   }
+  const int g = tid >> 3, cg = tid & 7;
+  const bf16* base = w_uk + (i64)h * N * R + chunk * 64 + cg * 8;
+  uint4 wv[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)  // rows g, g + 32, ... of W_uk[h] (N <= 256), before the wait
+    if (g + 32 * i < N) wv[i] = *reinterpret_cast<const uint4*>(base + (i64)(g + 32 * i) * R);
+  pdl_wait();  // q (and the cos/sin of the step) come from earlier kernels
+  pdl_release();
   if (cos_t != 0 && chunk == 0)
     for (int j = tid; j < P / 2; j += MLA_THREADS)
       rope_pair(q_pe_raw + b * qs_b + h * qs_h + t * qs_t, 1, q_pe_out + (((i64)b * NH + h) * T + t) * P, j, P,
                 interleaved, cs[j], sn[j]);
   const bf16* qnp = q_nope + b * qs_b + h * qs_h + t * qs_t;
-  const int g = tid >> 3, cg = tid & 7;
-  const bf16* base = w_uk + (i64)h * N * R + chunk * 64 + cg * 8;
   float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   float qv[8];
-  uint4 wv[8];
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {  // rows g, g + 32, ... (N <= 256): every load issued first
-    const int n = g + 32 * i;
-    if (n < N) {
-      qv[i] = bf(qnp[n]);
-      wv[i] = *reinterpret_cast<const uint4*>(base + (i64)n * R);
-    }
-  }
+  for (int i = 0; i < 8; ++i)
+    if (g + 32 * i < N) qv[i] = bf(qnp[g + 32 * i]);
 #pragma unroll
   for (int i = 0; i < 8; ++i)
     if (g + 32 * i < N) fma8(a, qv[i], wv[i]);
@@ -131,6 +133,8 @@ mla_part(const float* __restrict__ qlat, const bf16* __restrict__ q_pe, const bf
   const int h = blockIdx.x, sp = blockIdx.y, bt = blockIdx.z, b = bt / T, t = bt % T;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int j0 = sp * per, j1 = min(S, j0 + per);
+  pdl_wait();  // q_lat, the roped q_pe and the cache's new slot come from mla_q
+  pdl_release();
   const float* ql = qlat + ((i64)bt * NH + h) * R;
   const bf16* qp = q_pe + (((i64)b * NH + h) * T + t) * P;
   {
@@ -231,6 +235,8 @@ mla_out(const float* __restrict__ part_o, const float* __restrict__ part_ml, con
 #pragma unroll
       for (int q = 0; q < 4; ++q) wv[k][q] = *reinterpret_cast<const uint4*>(base + (i64)r * V + q * 8);
   }
+  pdl_wait();  // the partials come from mla_part
+  pdl_release();
   if (warp == 0) {
     const float m = lane < SP ? ml[2 * lane] : NEG_INF;
     const float l = lane < SP ? ml[2 * lane + 1] : 0.f;

@@ -86,16 +86,27 @@ pub(crate) fn launch(f: Function, grid: [u32; 3], block: [u32; 3], args: &[Arg<'
 
 #[allow(unsafe_code)]
 pub(crate) fn launch_shared(f: Function, grid: [u32; 3], block: [u32; 3], shared: u32, args: &[Arg<'_>]) -> Result<()> {
-    // SAFETY: the callers (`fused_moe`, `rotary`, `mla_decode`, `moe_combine`, `project`, `argmax`) checked that every tensor is on the kernel's device, of
-    // the dtype, shape and strides the kernel indexes with (the size arguments passed); `fused_moe`'s ids
-    // outside 0..E are skipped by the kernels, and its null pointers are only for tensors the size and
-    // mode arguments say are absent; the grids cover exactly the rows, pairs or elements those shapes
-    // give, and the kernels bound-check the rest (`moe_combine` skips rows outside `y`).
-    // `mla_decode`'s and `project`'s dynamic shared memory is sized from the same sizes; `project`'s
-    // null pointers are absent norms, biases, residuals and unused segments (of 0 rows).
+    // SAFETY: see `launch_dependent`.
     unsafe { f.launch(grid, block, shared, args) }.map_err(Error::from)
 }
 
+/// Launch a decode kernel as a programmatic dependent (`Function::launch_dependent`): it starts while the
+/// previous kernel finishes, reads its weights, and waits (`pdl_wait` in `common.cuh`) before it touches
+/// anything earlier work writes. Every kernel launched so calls `pdl_wait` before its first read of an
+/// activation and before its first write.
+#[allow(unsafe_code)]
+pub(crate) fn launch_dependent(f: Function, grid: [u32; 3], block: [u32; 3], shared: u32, args: &[Arg<'_>]) -> Result<()> {
+    // SAFETY (this and `launch_shared`): the callers (`fused_moe`, `rotary`, `mla_decode`, `moe_combine`,
+    // `project`, `argmax`) checked that every tensor is on the kernel's device, of the dtype, shape and
+    // strides the kernel indexes with (the size arguments passed); `fused_moe`'s ids outside 0..E are
+    // skipped by the kernels, and its null pointers are only for tensors the size and mode arguments say
+    // are absent; the grids cover exactly the rows, pairs or elements those shapes give, and the kernels
+    // bound-check the rest (`moe_combine` skips rows outside `y`). `mla_decode`'s and `project`'s dynamic
+    // shared memory is sized from the same sizes; `project`'s null pointers are absent norms, biases,
+    // residuals and unused segments (of 0 rows). The dependent launches' kernels wait before touching
+    // activations (`pdl_wait`).
+    unsafe { f.launch_dependent(grid, block, shared, args) }.map_err(Error::from)
+}
 
 #[cfg(test)]
 mod tests {

@@ -28,20 +28,21 @@
 // most MAX_EXPERTS experts for the in-kernel top-k.
 
 #define MAX_EXPERTS 256
-#define EXPERTS_PER_LANE (MAX_EXPERTS / 32)
 
 // Top-k routing of one token by one warp (no shared memory, no barriers): softmax of the logits row (E
 // values), the expert of rank s (probability descending, ties to the lower index, as a stable sort) and
 // its mixing weight (the probability, divided by the sum over the K chosen + 1e-20 when renorm, times
 // scale). K rounds of a warp-wide arg-max over the not yet chosen experts. Returns the expert (-1 if
-// none: NaN logits) and writes the weight to *w. All 32 lanes must call it.
+// none: NaN logits) and writes the weight to *w. All 32 lanes must call it. EPL = experts per lane
+// (E <= 32 * EPL): the smallest that holds E keeps the ranking short, as it delays every weight load.
+template <int EPL>
 __device__ int warp_route(const float* __restrict__ logits, int E, int K, int s, int renorm, float scale,
                           float* w) {
   const int lane = threadIdx.x & 31;
-  float p[EXPERTS_PER_LANE];
+  float p[EPL];
   float m = NEG_INF;
 #pragma unroll
-  for (int q = 0; q < EXPERTS_PER_LANE; ++q) {
+  for (int q = 0; q < EPL; ++q) {
     const int j = q * 32 + lane;
     p[q] = j < E ? logits[j] : NEG_INF;
     m = fmaxf(m, p[q]);
@@ -49,13 +50,13 @@ __device__ int warp_route(const float* __restrict__ logits, int E, int K, int s,
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
   float z = 0.f;
 #pragma unroll
-  for (int q = 0; q < EXPERTS_PER_LANE; ++q) {
+  for (int q = 0; q < EPL; ++q) {
     p[q] = q * 32 + lane < E ? expf(p[q] - m) : 0.f;
     z += p[q];
   }
   z = warp_sum(z);
 #pragma unroll
-  for (int q = 0; q < EXPERTS_PER_LANE; ++q) p[q] = q * 32 + lane < E ? p[q] / z : -1.f;  // -1: not an expert
+  for (int q = 0; q < EPL; ++q) p[q] = q * 32 + lane < E ? p[q] / z : -1.f;  // -1: not an expert
   unsigned taken = 0;  // bit q: this lane's expert q * 32 + lane is chosen
   int chosen = -1;
   float chosen_p = 0.f, top = 0.f;
@@ -63,7 +64,7 @@ __device__ int warp_route(const float* __restrict__ logits, int E, int K, int s,
     float bv = -1.f;
     int bj = 0x7fffffff;
 #pragma unroll
-    for (int q = 0; q < EXPERTS_PER_LANE; ++q) {
+    for (int q = 0; q < EPL; ++q) {
       const int j = q * 32 + lane;
       if (!((taken >> q) & 1u) && p[q] > bv) bv = p[q], bj = j;  // ascending j: ties keep the lower
     }
@@ -83,7 +84,9 @@ __device__ int warp_route(const float* __restrict__ logits, int E, int K, int s,
   return chosen;
 }
 
-// grid (ceil(E / warps), T), block (32 * warps), dynamic shared memory H bf16 (H <= STAGE_CHUNKS * 8 *
+#define ROUTER_STAGE 8  // staged 16-byte chunks per thread: H <= 8 * 8 * 128 = 8192 with 4 warps
+
+// grid (ceil(E / warps), T), block (32 * warps), dynamic shared memory H bf16 (H <= ROUTER_STAGE * 8 *
 // 32 * warps): logits[t, e] = xn[t] . w_r[e] in f32. x (T, H) bf16, w_r (E, H) f32, logits (T, E) f32. With norm_w (H) bf16 given, xn = rmsnorm(x) * norm_w with
 // transformers' rounding (bf16 after the normalisation, bf16 after the weight), and the x == 0 blocks
 // write xn to xn_out (T, H) bf16 for moe_gate_up; without it xn = x.
@@ -95,7 +98,10 @@ extern "C" __global__ void moe_router(const bf16* __restrict__ x, const bf16* __
   const int t = blockIdx.y;
   const int lane = threadIdx.x & 31;
   const int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  stage_row(x + (i64)t * H, norm_w, eps, H, xs, red);
+  if (e < E) warp_prefetch(w_r + (i64)e * H, (i64)H * 4, lane);
+  pdl_wait();
+  pdl_release();
+  stage_row<ROUTER_STAGE>(x + (i64)t * H, norm_w, eps, H, xs, red);
   if (norm_w != 0 && blockIdx.x == 0)
     for (int c = threadIdx.x * 8; c < H; c += blockDim.x * 8)
       *reinterpret_cast<uint4*>(xn_out + (i64)t * H + c) = *reinterpret_cast<const uint4*>(xs + c);
@@ -133,7 +139,8 @@ __device__ __forceinline__ float swiglu_row(const bf16* __restrict__ g, const bf
 // (T, W) i64 and w_out (T, W) f32); rows of w_gu (E, 2I, H) bf16 into act (T * W, I) bf16.
 // Shared rows: s_g, s_u (Is, H) bf16 into act_s (T, Is) bf16; with s_gate (H) bf16 given, the first
 // shared block of token t also writes g[t] = sigmoid(x[t] . s_gate) (else moe_down uses 1).
-extern "C" __global__ void moe_gate_up(const bf16* __restrict__ x, const i64* __restrict__ ids,
+template <int EPL>
+__device__ __forceinline__ void moe_gate_up_impl(const bf16* __restrict__ x, const i64* __restrict__ ids,
                                        const float* __restrict__ logits, const bf16* __restrict__ w_gu,
                                        bf16* __restrict__ act, i64* __restrict__ ids_out,
                                        float* __restrict__ w_out, const bf16* __restrict__ s_g,
@@ -149,6 +156,9 @@ extern "C" __global__ void moe_gate_up(const bf16* __restrict__ x, const i64* __
     const int BS = (Is + warps - 1) / warps;
     const int b = blockIdx.x - routed, t = b / BS;
     const int r = (b % BS) * warps + warp;
+    if (r < Is) warp_prefetch(s_g + (i64)r * H, (i64)H * 2, lane), warp_prefetch(s_u + (i64)r * H, (i64)H * 2, lane);
+    pdl_wait();
+    pdl_release();
     const bf16* xr = x + (i64)t * H;
     if (s_gate != 0 && b % BS == 0 && warp == 0) {
       float d = 0.f;
@@ -162,12 +172,14 @@ extern "C" __global__ void moe_gate_up(const bf16* __restrict__ x, const i64* __
     if (lane == 0) act_s[(i64)t * Is + r] = to_bf16(v);
     return;
   }
+  pdl_wait();  // the logits or ids, and the input, come from earlier kernels
+  pdl_release();
   const int pair = blockIdx.x / BR, t = pair / W;
   const int r = (blockIdx.x % BR) * warps + warp;
   i64 e;
   if (route) {
     float w;
-    e = warp_route(logits + (i64)t * E, E, W, pair % W, renorm, scale, &w);
+    e = warp_route<EPL>(logits + (i64)t * E, E, W, pair % W, renorm, scale, &w);
     if (blockIdx.x % BR == 0 && threadIdx.x == 0) {
       ids_out[pair] = e;
       w_out[pair] = w;
@@ -185,6 +197,22 @@ extern "C" __global__ void moe_gate_up(const bf16* __restrict__ x, const i64* __
   const float v = swiglu_row(gr, gr + (i64)I * H, x + (i64)t * H, H, lane);
   if (lane == 0) *out = to_bf16(v);
 }
+
+// moe_gate_up_<E>: moe_gate_up for at most E experts (the in-kernel top-k's ranking width).
+#define MOE_GATE_UP(NAME, EPL)                                                                              \
+  extern "C" __global__ void NAME(const bf16* __restrict__ x, const i64* __restrict__ ids,                  \
+                                  const float* __restrict__ logits, const bf16* __restrict__ w_gu,          \
+                                  bf16* __restrict__ act, i64* __restrict__ ids_out, float* __restrict__ w_out, \
+                                  const bf16* __restrict__ s_g, const bf16* __restrict__ s_u,               \
+                                  bf16* __restrict__ act_s, const bf16* __restrict__ s_gate,                \
+                                  float* __restrict__ g, int H, int I, int W, int E, int ld, int Is, int T,  \
+                                  int route, int renorm, float scale) {                                     \
+    moe_gate_up_impl<EPL>(x, ids, logits, w_gu, act, ids_out, w_out, s_g, s_u, act_s, s_gate, g, H, I, W, E,  \
+                          ld, Is, T, route, renorm, scale);                                                 \
+  }
+MOE_GATE_UP(moe_gate_up_64, 2)
+MOE_GATE_UP(moe_gate_up_128, 4)
+MOE_GATE_UP(moe_gate_up_256, 8)
 
 // The mixing weight of slot s of token t. gather = 0: mix is (T, W), the weights themselves. gather = 1:
 // mix is (T, E), the router probabilities: weight = p[e_s] (0 for no expert), divided by the sum over the
@@ -216,42 +244,98 @@ __device__ __forceinline__ float row_dot(const bf16* __restrict__ wr, const bf16
   return acc;
 }
 
-// grid (H, T), block (32 * warps), warps = min(W + (Is > 0), 8): one output c of token t per block; warp w
-// takes slots w, w + warps, ... (then the shared expert as one more unit), and the warps' sums meet in
-// shared memory in warp order (deterministic). act (T * W, I) bf16, ids (T, W) i64 (row stride ld), mix
-// (see slot_weight), w_d (E, H, I) bf16, out (T, H) bf16. With Is > 0, adds g[t] (1 when g is null)
-// times the shared expert's down row s_d (H, Is) bf16 applied to act_s (T, Is) bf16. With res (T, H)
-// bf16 given, out = res + the sum (the decoder's residual add). Spreading a row's slots over warps keeps
-// ~7x more loads in flight than one warp per row (measured on the H200).
-extern "C" __global__ void moe_down(const bf16* __restrict__ act, const i64* __restrict__ ids,
-                                    const float* __restrict__ mix, const bf16* __restrict__ w_d,
-                                    bf16* __restrict__ out, const bf16* __restrict__ act_s,
-                                    const bf16* __restrict__ s_d, const float* __restrict__ g,
-                                    const bf16* __restrict__ res, int H, int I, int W, int E, int ld, int Is,
-                                    int gather, int renorm, float scale) {
-  __shared__ float red[8];
-  const int t = blockIdx.y, c = blockIdx.x;
+// One warp's dots of two bf16 rows w0, w1 with one bf16 row a over I (16-byte loads; a is re-read from
+// L1 for the second pair of columns).
+__device__ __forceinline__ void row_dot2(const bf16* __restrict__ w0, const bf16* __restrict__ w1,
+                                         const bf16* __restrict__ a, int I, int lane, float* d0, float* d1) {
+  float s0 = 0.f, s1 = 0.f;
+#pragma unroll 4
+  for (int j = lane * 8; j < I; j += 256) {
+    const uint4 av = *reinterpret_cast<const uint4*>(a + j);
+    s0 += dot8(*reinterpret_cast<const uint4*>(w0 + j), av);
+    s1 += dot8(*reinterpret_cast<const uint4*>(w1 + j), av);
+  }
+  *d0 = s0;
+  *d1 = s1;
+}
+
+// grid (H / COLS, T), block (32 * warps), warps = min(W + (Is > 0), 8): COLS outputs c of token t per
+// block; warp w takes slots w, w + warps, ... (then the shared expert as one more unit), two columns at
+// a time, and the warps' sums meet in shared memory in warp order (deterministic). act (T * W, I) bf16,
+// ids (T, W) i64 (row stride ld), mix (see slot_weight), w_d (E, H, I) bf16, out (T, H) bf16. With Is > 0,
+// adds g[t] (1 when g is null) times the shared expert's down row s_d (H, Is) bf16 applied to act_s (T,
+// Is) bf16. With res (T, H) bf16 given, out = res + the sum (the decoder's residual add). Spreading a
+// row's slots over warps keeps ~7x more loads in flight than one warp per row, and several columns per
+// block let the grid fit about one wave of the H200's SMs when there are enough slots (the caller picks
+// COLS so that the grid still has thousands of warps; measured).
+template <int COLS>
+__device__ __forceinline__ void moe_down_impl(const bf16* __restrict__ act, const i64* __restrict__ ids,
+                                              const float* __restrict__ mix, const bf16* __restrict__ w_d,
+                                              bf16* __restrict__ out, const bf16* __restrict__ act_s,
+                                              const bf16* __restrict__ s_d, const float* __restrict__ g,
+                                              const bf16* __restrict__ res, int H, int I, int W, int E, int ld,
+                                              int Is, int gather, int renorm, float scale) {
+  __shared__ float red[8][COLS];
+  const int t = blockIdx.y, c0 = blockIdx.x * COLS;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int units = W + (Is > 0 ? 1 : 0);
-  const float rv = res != 0 && threadIdx.x == 0 ? bf(res[(i64)t * H + c]) : 0.f;  // loaded early
-  float total = 0.f;
+  if (Is > 0 && warp == 0) warp_prefetch(s_d + (i64)c0 * Is, (i64)COLS * Is * 2, lane);
+  pdl_wait();  // ids, weights and activations come from moe_gate_up
+  pdl_release();
+  // The residual, loaded early.
+  const float rv = res != 0 && threadIdx.x < COLS ? bf(res[(i64)t * H + c0 + threadIdx.x]) : 0.f;
+  float total[COLS];
+#pragma unroll
+  for (int q = 0; q < COLS; ++q) total[q] = 0.f;
   for (int u = warp; u < units; u += warps) {
+    const bf16* wbase;
+    const bf16* a;
+    int n;
+    float f;
     if (u < W) {
       const i64 e = ids[(i64)t * ld + u];
       if (e < 0 || e >= E) continue;  // the same for the whole warp
-      const float acc = row_dot(w_d + (e * H + c) * (i64)I, act + ((i64)t * W + u) * I, I, lane);
-      total += slot_weight(mix, ids, t, u, W, E, ld, gather, renorm, scale) * acc;
+      wbase = w_d + (e * H + c0) * (i64)I, a = act + ((i64)t * W + u) * I, n = I;
+      f = slot_weight(mix, ids, t, u, W, E, ld, gather, renorm, scale);
     } else {
-      const float acc = row_dot(s_d + (i64)c * Is, act_s + (i64)t * Is, Is, lane);
-      total += (g != 0 ? g[t] : 1.f) * acc;
+      wbase = s_d + (i64)c0 * Is, a = act_s + (i64)t * Is, n = Is;
+      f = g != 0 ? g[t] : 1.f;
+    }
+    if constexpr (COLS == 1) {
+      total[0] += f * row_dot(wbase, a, n, lane);
+    } else {
+#pragma unroll
+      for (int q = 0; q < COLS; q += 2) {
+        float d0, d1;
+        row_dot2(wbase + (i64)q * n, wbase + (i64)(q + 1) * n, a, n, lane, &d0, &d1);
+        total[q] += f * d0;
+        total[q + 1] += f * d1;
+      }
     }
   }
-  total = warp_sum(total);
-  if (lane == 0) red[warp] = total;
+#pragma unroll
+  for (int q = 0; q < COLS; ++q) {
+    const float v = warp_sum(total[q]);
+    if (lane == 0) red[warp][q] = v;
+  }
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (threadIdx.x < COLS) {
     float sum = 0.f;
-    for (int w = 0; w < warps; ++w) sum += red[w];
-    out[(i64)t * H + c] = to_bf16(sum + rv);
+    for (int w = 0; w < warps; ++w) sum += red[w][threadIdx.x];
+    out[(i64)t * H + c0 + threadIdx.x] = to_bf16(sum + rv);
   }
 }
+
+// moe_down_<COLS>: moe_down with COLS output columns per block.
+#define MOE_DOWN(NAME, COLS)                                                                                  \
+  extern "C" __global__ void NAME(const bf16* __restrict__ act, const i64* __restrict__ ids,                  \
+                                  const float* __restrict__ mix, const bf16* __restrict__ w_d,                \
+                                  bf16* __restrict__ out, const bf16* __restrict__ act_s,                     \
+                                  const bf16* __restrict__ s_d, const float* __restrict__ g,                  \
+                                  const bf16* __restrict__ res, int H, int I, int W, int E, int ld, int Is,    \
+                                  int gather, int renorm, float scale) {                                      \
+    moe_down_impl<COLS>(act, ids, mix, w_d, out, act_s, s_d, g, res, H, I, W, E, ld, Is, gather, renorm, scale); \
+  }
+MOE_DOWN(moe_down_1, 1)
+MOE_DOWN(moe_down_2, 2)
+MOE_DOWN(moe_down_4, 4)
