@@ -133,6 +133,17 @@ mla_part(const float* __restrict__ qlat, const bf16* __restrict__ q_pe, const bf
   const int h = blockIdx.x, sp = blockIdx.y, bt = blockIdx.z, b = bt / T, t = bt % T;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int j0 = sp * per, j1 = min(S, j0 + per);
+  // Ask for the split's cache rows now (only mla_q's outputs must wait; earlier kernels have finished,
+  // and a prefetch of the slot mla_q is writing is only a hint): one 128-byte line per thread.
+  {
+    const int lines_c = R * 2 / 128, lines = lines_c + (P * 2 + 127) / 128;
+    for (int i = tid; i < (j1 - j0) * lines; i += MLA_THREADS) {
+      const int j = j0 + i / lines, l = i % lines;
+      if (bias[(i64)bt * S + j] != NEG_INF)
+        prefetch_l2(l < lines_c ? (const void*)(ckv + b * c_b + j * c_s + l * 64)
+                                : (const void*)(kpe + b * k_b + j * k_s + (l - lines_c) * 64));
+    }
+  }
   pdl_wait();  // q_lat, the roped q_pe and the cache's new slot come from mla_q
   pdl_release();
   const float* ql = qlat + ((i64)bt * NH + h) * R;
