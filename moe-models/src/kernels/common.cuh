@@ -140,3 +140,14 @@ __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefe
 __device__ __forceinline__ void warp_prefetch(const void* p, i64 bytes, int lane) {
   for (i64 off = (i64)lane * 128; off < bytes; off += 32 * 128) prefetch_l2(static_cast<const char*>(p) + off);
 }
+
+// One rotary pair j of a row of P values (element stride `stride` in, 1 out): (x0, x1) at (2j, 2j + 1) when
+// interleaved (DeepSeek), (j, j + P / 2) otherwise, becomes (x0 cos - x1 sin, x0 sin + x1 cos) in f32,
+// rounded to bf16 once.
+__device__ __forceinline__ void rope_pair(const bf16* __restrict__ in, i64 stride, bf16* __restrict__ out, int j,
+                                          int P, int interleaved, float c, float s) {
+  const int i0 = interleaved ? 2 * j : j, i1 = interleaved ? 2 * j + 1 : j + P / 2;
+  const float x0 = bf(in[i0 * stride]), x1 = bf(in[i1 * stride]);
+  out[i0] = to_bf16(x0 * c - x1 * s);
+  out[i1] = to_bf16(x0 * s + x1 * c);
+}

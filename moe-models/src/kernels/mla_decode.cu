@@ -29,15 +29,6 @@
 #define MLA_MAX_R 512
 #define MLA_RK (MLA_MAX_R / 256)  // 256-wide chunks of a latent row
 
-// One rotary pair in f32, rounded to bf16 once: (x0 cos - x1 sin, x0 sin + x1 cos) at (i0, i1).
-__device__ __forceinline__ void rope_pair(const bf16* __restrict__ in, i64 stride, bf16* __restrict__ out, int j,
-                                          int P, int interleaved, float c, float s) {
-  const int i0 = interleaved ? 2 * j : j, i1 = interleaved ? 2 * j + 1 : j + P / 2;
-  const float x0 = bf(in[i0 * stride]), x1 = bf(in[i1 * stride]);
-  out[i0] = to_bf16(x0 * c - x1 * s);
-  out[i1] = to_bf16(x0 * s + x1 * c);
-}
-
 // grid (NH + kv, R / 64, BT), block 256 (kv = 1 with the prep inputs, else 0). Blocks x < NH: 64 columns
 // of q_lat for head x; thread (g, cg) = (tid / 8, tid % 8) takes rows g, g + 32, ... of W_uk[h] for 8
 // columns, and the 32 row groups meet in shared memory; with cos given, the chunk-0 block also ropes the
@@ -52,6 +43,7 @@ mla_q(const bf16* __restrict__ q_nope, i64 qs_b, i64 qs_h, i64 qs_t, const bf16*
       const i64* __restrict__ slots) {
   __shared__ float part[32][65];
   __shared__ float red[33];
+  __shared__ __align__(16) bf16 kvs[MLA_MAX_R];  // the normalised latent (kv block)
   const int h = blockIdx.x, chunk = blockIdx.y, bt = blockIdx.z, b = bt / T, t = bt % T;
   const int tid = threadIdx.x;
   const float* cs = cos_t + (i64)bt * (P / 2);
@@ -62,24 +54,9 @@ mla_q(const bf16* __restrict__ q_nope, i64 qs_b, i64 qs_h, i64 qs_t, const bf16*
     pdl_release();
     const i64 slot = slots[t];
     const bf16* in = kv_in + (i64)bt * (R + P);
-    uint4 xv = make_uint4(0, 0, 0, 0), nv = xv;
+    stage_row<1>(in, kv_norm, eps, R, kvs, red);  // R <= 8 * MLA_THREADS
     const int c = tid * 8;
-    if (c < R) xv = *reinterpret_cast<const uint4*>(in + c), nv = *reinterpret_cast<const uint4*>(kv_norm + c);
-    const unsigned* w = reinterpret_cast<const unsigned*>(&xv);
-    float ss = 0.f;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) ss += lo(w[q]) * lo(w[q]) + hi(w[q]) * hi(w[q]);
-    const float r = rsqrtf(block_reduce(ss, false, red) / R + eps);
-    if (c < R) {
-      const unsigned* n = reinterpret_cast<const unsigned*>(&nv);
-      uint4 ov;
-      unsigned* o = reinterpret_cast<unsigned*>(&ov);
-#pragma unroll
-      for (int q = 0; q < 4; ++q)
-        o[q] = (unsigned)to_bf16(lo(n[q]) * bf(to_bf16(lo(w[q]) * r))) |
-               ((unsigned)to_bf16(hi(n[q]) * bf(to_bf16(hi(w[q]) * r))) << 16);
-      *reinterpret_cast<uint4*>(ckv + b * c_b + slot * c_s + c) = ov;
-    }
+    if (c < R) *reinterpret_cast<uint4*>(ckv + b * c_b + slot * c_s + c) = *reinterpret_cast<const uint4*>(kvs + c);
     for (int j = tid; j < P / 2; j += MLA_THREADS)
       rope_pair(in + R, 1, kpe + b * k_b + slot * k_s, j, P, interleaved, cs[j], sn[j]);
     return;

@@ -19,14 +19,7 @@ extern "C" __global__ void rotary_bf16(const bf16* __restrict__ x, const float* 
   rest /= T;
   const int h = rest % Hh;
   const int b = rest / Hh;
-  const int i0 = interleaved ? 2 * j : j;
-  const int i1 = interleaved ? 2 * j + 1 : j + half;
   const bf16* xr = x + b * s0 + h * s1 + t * s2;
-  const float x0 = bf(xr[i0 * s3]);
-  const float x1 = bf(xr[i1 * s3]);
   const i64 cs = ((i64)b * T + t) * half + j;
-  const float c = cos_t[cs], s = sin_t[cs];
-  bf16* o = out + (((i64)b * Hh + h) * T + t) * D;
-  o[i0] = to_bf16(x0 * c - x1 * s);
-  o[i1] = to_bf16(x0 * s + x1 * c);
+  rope_pair(xr, s3, out + (((i64)b * Hh + h) * T + t) * D, j, D, interleaved, cos_t[cs], sin_t[cs]);
 }
