@@ -16,6 +16,10 @@
 //! unsafe { f.launch([4, 1, 1], [256, 1, 1], 0, &[Arg::Tensor(&x), Arg::F32(2.0), Arg::I32(1000)])? };
 //! # Ok(()) }
 //! ```
+//!
+//! A crate keeps its kernels in a `static` [`Kernels`] (compiled on first use, the outcome kept for the
+//! process); [`Function::launch_dependent`] launches a kernel that may overlap its predecessor
+//! (programmatic dependent launch), and [`check_compiles`] checks a source on machines without a GPU.
 
 use std::ffi::{c_char, c_void, CString};
 
@@ -147,6 +151,59 @@ impl Module {
             let _ = name;
             Err(Error::NotCompiled)
         }
+    }
+}
+
+/// A CUDA source compiled once per process, on first use, with its kernels looked up by name: what a
+/// crate keeps in a `static` for its run-time compiled kernels. The first call's outcome is kept: the
+/// module is built for the device of that call, and a failure (no NVRTC, no driver, a compile error) is
+/// returned to every later call, so callers fall back to their libtorch paths without retrying.
+pub struct Kernels {
+    file: &'static str,
+    source: &'static str,
+    names: &'static [&'static str],
+    cell: std::sync::OnceLock<Result<(Vec<Function>, Module), String>>,
+}
+
+impl Kernels {
+    /// `source` (labelled `file` in messages) with the kernels `names`, compiled on the first [`Kernels::get`].
+    pub const fn new(file: &'static str, source: &'static str, names: &'static [&'static str]) -> Self {
+        Self { file, source, names, cell: std::sync::OnceLock::new() }
+    }
+
+    /// The kernels in `names` order, compiled and loaded for `device` on the first call; or the first
+    /// call's error message. `first_failure` sees that error once per process (to log it).
+    pub fn get(&self, device: Device, first_failure: impl FnOnce(&Error)) -> Result<&[Function], &str> {
+        let built = self.cell.get_or_init(|| {
+            let built = Module::compile(device, self.file, self.source).and_then(|module| {
+                let functions = self.names.iter().map(|n| module.function(n)).collect::<Result<Vec<_>, _>>()?;
+                Ok((functions, module))
+            });
+            built.map_err(|e| {
+                first_failure(&e);
+                format!("{}: {e}", self.file)
+            })
+        });
+        match built {
+            Ok((functions, _)) => Ok(functions.as_slice()),
+            Err(msg) => Err(msg.as_str()),
+        }
+    }
+
+    /// The file name the source is labelled with.
+    pub fn file(&self) -> &'static str {
+        self.file
+    }
+
+    /// The CUDA source, as NVRTC gets it (for [`check_compiles`]).
+    pub fn source(&self) -> &'static str {
+        self.source
+    }
+}
+
+impl std::fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernels").field("file", &self.file).field("names", &self.names).field("compiled", &self.cell.get().map(|r| r.is_ok())).finish()
     }
 }
 

@@ -13,9 +13,7 @@
 //!   the `T x (cap - floor)` candidates, a counting kernel and an emitting kernel, instead of ~20 libtorch
 //!   kernels around the sort.
 
-use std::sync::OnceLock;
-
-use cuda_graph::jit::{Arg, Function, Module};
+use cuda_graph::jit::{Arg, Function, Kernels};
 use tch::{Device, Kind, Tensor};
 
 use super::{torch, DeviceError, DeviceResult};
@@ -31,24 +29,12 @@ pub const ROW_MAX_EXPERTS: i64 = 1024;
 const SOURCE: &str = include_str!("kernels.cu");
 const NAMES: [&str; 5] = ["row_topk", "alloc_t_batch", "alloc_t_scores", "alloc_t_count", "alloc_t_emit"];
 
-struct Compiled {
-    functions: Vec<Function>,
-    _module: Module,
-}
-
-static KERNELS: OnceLock<Option<Compiled>> = OnceLock::new();
+static KERNELS: Kernels = Kernels::new("kernels.cu", SOURCE, &NAMES);
 
 /// The compiled kernels in [`NAMES`] order, or `None` when NVRTC or the driver is unavailable (the
 /// libtorch paths are then used; they are always correct).
 fn kernels(device: Device) -> Option<&'static [Function]> {
-    KERNELS
-        .get_or_init(|| {
-            let module = Module::compile(device, "kernels.cu", SOURCE).ok()?;
-            let functions = NAMES.iter().map(|n| module.function(n)).collect::<Result<Vec<_>, _>>().ok()?;
-            Some(Compiled { functions, _module: module })
-        })
-        .as_ref()
-        .map(|c| c.functions.as_slice())
+    KERNELS.get(device, |_| {}).ok()
 }
 
 fn launch(op: &'static str, f: Function, grid: u32, block: u32, args: &[Arg<'_>]) -> DeviceResult<()> {

@@ -1,16 +1,14 @@
 //! The greedy next token of a decode step (`argmax.cu`): two small kernels over many SMs instead of
 //! libtorch's single-block reduction.
 
-use std::sync::OnceLock;
-
-use cuda_graph::jit::Arg;
+use cuda_graph::jit::{Arg, Kernels};
 use tch::{Kind, Tensor};
 
-use super::{compiled, launch_dependent, Compiled};
+use super::{compiled, launch_dependent};
 use crate::error::Result;
 
-static ARGMAX: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
-pub(super) const ARGMAX_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("argmax.cu"));
+const ARGMAX_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("argmax.cu"));
+pub(super) static ARGMAX: Kernels = Kernels::new("argmax.cu", ARGMAX_SOURCE, &["argmax_part", "argmax_final"]);
 /// Blocks per row (`ARGMAX_PARTS` in `argmax.cu`).
 const PARTS: i64 = 64;
 
@@ -32,7 +30,7 @@ pub fn argmax(logits: &Tensor) -> Result<Option<Tensor>> {
     if rows > 65535 {
         return Ok(None); // grid y
     }
-    let Ok(k) = compiled(&ARGMAX, device, "argmax.cu", ARGMAX_SOURCE, &["argmax_part", "argmax_final"]) else {
+    let Ok(k) = compiled(&ARGMAX, device) else {
         return Ok(None);
     };
     let logits = logits.contiguous();

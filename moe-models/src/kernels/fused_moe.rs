@@ -2,12 +2,10 @@
 //! stacked weights in two kernels, optionally with the router's top-k (a third, tiny kernel for the
 //! logits) and the shared expert in the same kernels.
 
-use std::sync::OnceLock;
-
-use cuda_graph::jit::{Arg, Function};
+use cuda_graph::jit::{Arg, Function, Kernels};
 use tch::{Device, Kind, Tensor};
 
-use super::{compiled, launch_dependent, Compiled};
+use super::{compiled, launch_dependent};
 use crate::error::{Error, Result};
 
 /// The largest `tokens x slots` the fused path takes; above it the grouped GEMMs win.
@@ -15,13 +13,13 @@ pub const FUSED_MOE_MAX_PAIRS: i64 = 64;
 
 const WARPS: u32 = 4;
 
-static MOE: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
-pub(super) const MOE_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("moe_decode.cu"));
+const MOE_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("moe_decode.cu"));
+const MOE_NAMES: [&str; 7] = ["moe_router", "moe_down_1", "moe_down_2", "moe_down_4", "moe_gate_up_64", "moe_gate_up_128", "moe_gate_up_256"];
+pub(super) static MOE: Kernels = Kernels::new("moe_decode.cu", MOE_SOURCE, &MOE_NAMES);
 
 /// `[moe_router, moe_down_1, moe_down_2, moe_down_4, moe_gate_up_64, moe_gate_up_128, moe_gate_up_256]`.
 fn moe_kernels(device: Device) -> Result<&'static [Function]> {
-    let names = ["moe_router", "moe_down_1", "moe_down_2", "moe_down_4", "moe_gate_up_64", "moe_gate_up_128", "moe_gate_up_256"];
-    compiled(&MOE, device, "moe_decode.cu", MOE_SOURCE, &names)
+    compiled(&MOE, device)
 }
 
 /// The `moe_gate_up` variant whose top-k ranks `e` experts with the fewest registers (see

@@ -1,16 +1,14 @@
 //! Projections of a few tokens with the RMSNorm before them and the residual add after them, in one
 //! kernel (`gemv.cu`): the attention block's input projections and output projection at decode sizes.
 
-use std::sync::OnceLock;
-
-use cuda_graph::jit::Arg;
+use cuda_graph::jit::{Arg, Kernels};
 use tch::{Kind, Tensor};
 
-use super::{compiled, launch_dependent, Compiled};
+use super::{compiled, launch_dependent};
 use crate::error::Result;
 
-static GEMV: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
-pub(super) const GEMV_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("gemv.cu"));
+const GEMV_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("gemv.cu"));
+pub(super) static GEMV: Kernels = Kernels::new("gemv.cu", GEMV_SOURCE, &["gemv_norm"]);
 
 /// The most tokens [`project`] takes (`GEMV_MAX_T` in `gemv.cu`).
 pub const PROJECT_MAX_TOKENS: i64 = 8;
@@ -74,7 +72,7 @@ pub fn project(p: &Project<'_>) -> Result<Option<Vec<Tensor>>> {
     if !(ok && res_ok) {
         return Ok(None);
     }
-    let Ok(k) = compiled(&GEMV, device, "gemv.cu", GEMV_SOURCE, &["gemv_norm"]) else {
+    let Ok(k) = compiled(&GEMV, device) else {
         return Ok(None);
     };
     let x = x.contiguous();

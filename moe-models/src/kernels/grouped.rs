@@ -1,20 +1,18 @@
 //! Kernels of the grouped MoE path for many tokens (prefill), in `grouped.cu`: the weighted per-token
 //! combine of the expert outputs ([`moe_combine`]) and a one-pass SwiGLU ([`swiglu`]).
 
-use std::sync::OnceLock;
-
-use cuda_graph::jit::Arg;
+use cuda_graph::jit::{Arg, Kernels};
 use tch::{Kind, Tensor};
 
-use super::{compiled, launch, Compiled};
+use super::{compiled, launch};
 use crate::error::{Error, Result};
 
-static GROUPED: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
-pub(super) const GROUPED_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("grouped.cu"));
+const GROUPED_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("grouped.cu"));
+pub(super) static GROUPED: Kernels = Kernels::new("grouped.cu", GROUPED_SOURCE, &["moe_combine", "swiglu"]);
 
 /// `[moe_combine, swiglu]`, or `None` when they did not compile (logged once).
 fn kernels(device: tch::Device) -> Option<&'static [cuda_graph::jit::Function]> {
-    compiled(&GROUPED, device, "grouped.cu", GROUPED_SOURCE, &["moe_combine", "swiglu"]).ok()
+    compiled(&GROUPED, device).ok()
 }
 
 /// The weighted per-token sum of the grouped path's expert outputs in one kernel:

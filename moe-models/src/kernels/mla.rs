@@ -2,16 +2,14 @@
 //! SMs (`mla_decode.cu`: query absorption with the step's rope, latent norm and cache write; split partial
 //! softmaxes; merge and value absorption).
 
-use std::sync::OnceLock;
-
-use cuda_graph::jit::Arg;
+use cuda_graph::jit::{Arg, Kernels};
 use tch::{Kind, Tensor};
 
-use super::{compiled, launch_dependent, Compiled};
+use super::{compiled, launch_dependent};
 use crate::error::Result;
 
-static MLA: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
-pub(super) const MLA_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("mla_decode.cu"));
+const MLA_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("mla_decode.cu"));
+pub(super) static MLA: Kernels = Kernels::new("mla_decode.cu", MLA_SOURCE, &["mla_q", "mla_part", "mla_out"]);
 
 /// Inputs of [`mla_decode`]: DeepSeek-V2's absorbed multi-head latent attention for a few query tokens.
 #[derive(Debug, Clone, Copy)]
@@ -125,7 +123,7 @@ pub fn mla_decode(a: &MlaDecode<'_>) -> Result<Option<Tensor>> {
     if !(shapes_ok && prep_ok && bf16 && layout && sizes_ok) {
         return Ok(None);
     }
-    let Ok(k) = compiled(&MLA, device, "mla_decode.cu", MLA_SOURCE, &["mla_q", "mla_part", "mla_out"]) else {
+    let Ok(k) = compiled(&MLA, device) else {
         return Ok(None);
     };
     let bt = b * t;

@@ -22,9 +22,7 @@ mod grouped;
 mod mla;
 mod rotary;
 
-use std::sync::OnceLock;
-
-use cuda_graph::jit::{Arg, Function, Module};
+use cuda_graph::jit::{Arg, Function, Kernels};
 use tch::Device;
 
 use crate::error::{Error, Result};
@@ -39,45 +37,16 @@ pub use grouped::{moe_combine, swiglu};
 pub use mla::{mla_decode, MlaDecode, MlaPrep, MLA_DECODE_MAX_QUERIES};
 pub use rotary::rotary;
 
-/// One `.cu` file compiled once per process (on first use), with the kernels looked up by name.
-pub(crate) struct Compiled {
-    functions: Vec<Function>,
-    _module: Module,
-}
-
-/// Compile `source` on first use (`cell` caches the outcome; a failure is logged once and every later
-/// call reports it, so callers fall back to libtorch).
-pub(crate) fn compiled<'a>(
-    cell: &'a OnceLock<std::result::Result<Compiled, String>>,
-    device: Device,
-    file: &str,
-    source: &str,
-    names: &[&str],
-) -> Result<&'a [Function]> {
-    let c = cell.get_or_init(|| {
-        let built = (|| {
-            let module = Module::compile(device, file, source)?;
-            let functions = names.iter().map(|n| module.function(n)).collect::<std::result::Result<Vec<_>, _>>()?;
-            Ok::<_, cuda_graph::Error>(Compiled { functions, _module: module })
-        })();
-        built.map_err(|e| {
-            tracing::warn!("{file}: run-time compiled kernels unavailable, using libtorch: {e}");
-            e.to_string()
-        })
-    });
-    c.as_ref().map(|c| c.functions.as_slice()).map_err(|msg| Error::Input(format!("{file}: {msg}")))
+/// The kernels of `k` for `device`, compiled on first use (a failure is logged once and every later call
+/// reports it, so callers fall back to libtorch).
+pub(crate) fn compiled(k: &'static Kernels, device: Device) -> Result<&'static [Function]> {
+    k.get(device, |e| tracing::warn!("{}: run-time compiled kernels unavailable, using libtorch: {e}", k.file()))
+        .map_err(|msg| Error::Input(msg.to_string()))
 }
 
 /// Every run-time compiled source as `(file name, source)`, as NVRTC gets it (for compile checks).
 pub fn sources() -> [(&'static str, &'static str); 6] {
-    [
-        ("gemv.cu", gemv::GEMV_SOURCE),
-        ("argmax.cu", argmax::ARGMAX_SOURCE),
-        ("moe_decode.cu", fused_moe::MOE_SOURCE),
-        ("rotary.cu", rotary::ROTARY_SOURCE),
-        ("mla_decode.cu", mla::MLA_SOURCE),
-        ("grouped.cu", grouped::GROUPED_SOURCE),
-    ]
+    [&gemv::GEMV, &argmax::ARGMAX, &fused_moe::MOE, &rotary::ROTARY, &mla::MLA, &grouped::GROUPED].map(|k| (k.file(), k.source()))
 }
 
 pub(crate) fn launch(f: Function, grid: [u32; 3], block: [u32; 3], args: &[Arg<'_>]) -> Result<()> {

@@ -1,15 +1,13 @@
 //! The rotary embedding in one kernel (`rotary.cu`) instead of five libtorch kernels.
 
-use std::sync::OnceLock;
-
-use cuda_graph::jit::Arg;
+use cuda_graph::jit::{Arg, Kernels};
 use tch::{Kind, Tensor};
 
-use super::{compiled, launch, Compiled};
+use super::{compiled, launch};
 use crate::error::Result;
 
-static ROTARY: OnceLock<std::result::Result<Compiled, String>> = OnceLock::new();
-pub(super) const ROTARY_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("rotary.cu"));
+const ROTARY_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("rotary.cu"));
+pub(super) static ROTARY: Kernels = Kernels::new("rotary.cu", ROTARY_SOURCE, &["rotary_bf16"]);
 
 /// Rotate `x` `(b, heads, t, d)` bf16 on CUDA (any strides) by `cos`/`sin` `(b, t, d / 2)` f32 in one
 /// kernel; `None` when that does not apply (not CUDA bf16, other shapes, or the kernel did not compile),
@@ -27,7 +25,7 @@ pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Resu
             return Ok(None);
         }
     }
-    let Ok(k) = compiled(&ROTARY, device, "rotary.cu", ROTARY_SOURCE, &["rotary_bf16"]) else {
+    let Ok(k) = compiled(&ROTARY, device) else {
         return Ok(None);
     };
     let pairs = b * hh * t * d / 2;
