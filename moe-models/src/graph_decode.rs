@@ -203,6 +203,25 @@ mod tests {
         }
     }
 
+    /// On a GPU: `Model::generate_greedy` (through the CUDA graph when no trace is recorded) gives the ids of
+    /// an eager greedy loop, for the committed DeepSeek-V2 checkpoint in bf16; with a trace it runs
+    /// eagerly and records the routing.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn generate_greedy_on_the_graph_matches_the_eager_loop() {
+        let model = crate::load(&tiny("deepseek-v2-tiny"), Device::Cuda(0), Kind::BFloat16).expect("load");
+        let policy = DeviceTopK { k: model.info().native_k };
+        let prompt = [5i64, 17, 300, 42, 7, 99, 1000, 3];
+        let got = model.generate_greedy(&prompt, 10, &mut ForwardCtx::new(&policy)).expect("graph");
+        let want = eager(&model, &Tensor::from_slice2(&[prompt]).to_device(Device::Cuda(0)), 9, Dispatch::Auto);
+        let eos = &model.info().eos_token_ids;
+        let stop = want.iter().position(|t| eos.contains(t)).map_or(want.len(), |p| p + 1);
+        assert_eq!(got, want[..stop]);
+        let mut trace = crate::RoutingTrace::new();
+        let traced = model.generate_greedy(&prompt, 3, &mut ForwardCtx::new(&policy).with_trace(&mut trace)).expect("eager");
+        assert!(!traced.is_empty() && !trace.layers.is_empty(), "the eager loop records the routing");
+    }
+
     /// On a GPU: the captured decode replays exactly what eager decoding computes (same dispatch), for
     /// the committed DeepSeek-V2 checkpoint in bf16.
     #[test]

@@ -178,9 +178,26 @@ impl Model {
 
     /// Greedy decoding of one prompt with the KV cache: returns the new token ids (stops after
     /// `max_new_tokens` or at an end-of-sequence id). `ctx.cache` and `ctx.mask` are ignored; a fresh
-    /// cache is used.
+    /// cache is used. On CUDA without a routing trace, the decode steps replay a CUDA graph
+    /// ([`crate::GraphDecoder`]); otherwise every step runs eagerly (and is traced).
     pub fn generate_greedy(&self, prompt: &[i64], max_new_tokens: usize, ctx: &mut ForwardCtx<'_>) -> Result<Vec<i64>> {
         let info = self.info();
+        if max_new_tokens == 0 {
+            return Ok(Vec::new());
+        }
+        if info.device.is_cuda() && ctx.trace.is_none() {
+            let ids = Tensor::f_from_slice(prompt)?.f_unsqueeze(0)?.f_to_device(info.device)?;
+            let mut dec = crate::GraphDecoder::new(self, &ids, prompt.len() + max_new_tokens, &mut ctx.settings())?;
+            let mut out = Vec::with_capacity(max_new_tokens);
+            loop {
+                let id = dec.tokens().f_int64_value(&[0, 0]).ctx("decode: next token")?;
+                out.push(id);
+                if out.len() == max_new_tokens || info.eos_token_ids.contains(&id) {
+                    return Ok(out);
+                }
+                dec.step()?;
+            }
+        }
         let mut cache = KvCache::new();
         let settings = ctx.settings();
         let mut ctx = ForwardCtx { trace: ctx.trace.as_deref_mut(), ..settings.with_cache(&mut cache) };
