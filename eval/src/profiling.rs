@@ -65,7 +65,7 @@ pub struct ProfileJob<'a> {
 pub fn measure_profile(
     job: &ProfileJob<'_>,
     partial: Option<SensitivityProfile>,
-    mut save: impl FnMut(&SensitivityProfile) -> Result<()>,
+    save: impl FnMut(&SensitivityProfile) -> Result<()>,
     mut tick: impl FnMut(),
 ) -> Result<SensitivityProfile> {
     let native = job.shape.native_k as u32;
@@ -81,7 +81,7 @@ pub fn measure_profile(
     tick();
     let mut calibration = job.calibration.clone();
     calibration.reference_nll = Some(reference);
-    let mut profile = SensitivityProfile {
+    let profile = SensitivityProfile {
         schema_version: SCHEMA_VERSION,
         model: job.model.clone(),
         metric: job.metric.profile_name().into(),
@@ -94,13 +94,13 @@ pub fn measure_profile(
     ks.dedup();
     // A partial profile of another metric is not resumed.
     let partial = partial.filter(|p| p.metric == profile.metric);
-    let reference = Reference { nll: reference, hidden };
+    let mut run = Run { job, ks, reference: Reference { nll: reference, hidden }, partial, profile, save, tick };
     match crate::stack::stack_of(job.scorer.model).filter(|_| job.passes == Passes::FromCachedLayerInput) {
-        Some(stack) => layers_from_cache(job, stack, &ks, &reference, partial.as_ref(), &mut profile, &mut save, &mut tick)?,
-        None => layers_by_full_passes(job, &ks, &reference, partial.as_ref(), &mut profile, &mut save, &mut tick)?,
+        Some(stack) => run.layers_from_cache(stack)?,
+        None => run.layers_by_full_passes()?,
     }
-    profile.validate()?;
-    Ok(profile)
+    run.profile.validate()?;
+    Ok(run.profile)
 }
 
 /// How profiling runs its passes (the results are the same; [`Passes::FromCachedLayerInput`] does
@@ -131,148 +131,142 @@ fn one_layer_at(shape: &ModelShape, layer: usize, k: u32) -> Result<PerLayerTopK
     Ok(PerLayerTopK::new(LayerAllocation::new(shape.moe_layers.clone(), alloc_k)?))
 }
 
-/// Layers kept from an interrupted run's profile, if it has `layer`.
-fn resumed(partial: Option<&SensitivityProfile>, layer: usize) -> Option<&LayerProfile> {
-    partial.and_then(|p| p.layers.iter().find(|l| l.layer == layer))
+/// A profiling run in progress, shared by both ways of running the passes: the job, the k values below
+/// the native K, the reference, the layers an interrupted run finished, and where results go (the
+/// profile so far, saved after each layer; a tick per forward pass).
+struct Run<'j, 'a, S, T> {
+    job: &'j ProfileJob<'a>,
+    ks: Vec<u32>,
+    reference: Reference,
+    partial: Option<SensitivityProfile>,
+    profile: SensitivityProfile,
+    save: S,
+    tick: T,
 }
 
-/// Push layer `layer`'s measured deltas (k = K appended with delta 0) and save the profile so far.
-fn finish_layer(
-    profile: &mut SensitivityProfile,
-    layer: usize,
-    ks: &[u32],
-    mut delta: Vec<f64>,
-    save: &mut impl FnMut(&SensitivityProfile) -> Result<()>,
-) -> Result<()> {
-    let mut k_list = ks.to_vec();
-    k_list.push(profile.full_k);
-    delta.push(0.0);
-    profile.layers.push(LayerProfile { layer, k: k_list, delta });
-    save(profile)
-}
+impl<S: FnMut(&SensitivityProfile) -> Result<()>, T: FnMut()> Run<'_, '_, S, T> {
+    /// Layer `layer` as an interrupted run's profile has it, if it does.
+    fn resumed(&self, layer: usize) -> Option<&LayerProfile> {
+        self.partial.as_ref().and_then(|p| p.layers.iter().find(|l| l.layer == layer))
+    }
 
-/// One whole forward pass per (layer, k).
-fn layers_by_full_passes(
-    job: &ProfileJob<'_>,
-    ks: &[u32],
-    reference: &Reference,
-    partial: Option<&SensitivityProfile>,
-    profile: &mut SensitivityProfile,
-    save: &mut impl FnMut(&SensitivityProfile) -> Result<()>,
-    tick: &mut impl FnMut(),
-) -> Result<()> {
-    for &layer in &job.shape.moe_layers {
-        if let Some(done) = resumed(partial, layer) {
-            profile.layers.push(done.clone());
-            ks.iter().for_each(|_| tick());
-            continue;
-        }
-        let mut delta = Vec::new();
-        for &k in ks {
-            let policy = one_layer_at(job.shape, layer, k)?;
-            let what = || format!("profiling layer {layer} at k = {k}");
-            let d = match job.metric {
-                ProfileMetric::Nll => job.scorer.text_nll(&policy, job.calib, None).with_context(what)?.mean() - reference.nll,
-                ProfileMetric::Kl => job.scorer.kl_to_reference(&policy, job.calib, &reference.hidden).with_context(what)?,
-            };
-            delta.push(d);
-            tick();
-        }
-        finish_layer(profile, layer, ks, delta, save)?;
+    /// Keep layer `layer` from the interrupted run (its passes count as done); false if it has none.
+    fn keep_resumed(&mut self, layer: usize) -> bool {
+        let Some(done) = self.resumed(layer).cloned() else { return false };
+        self.profile.layers.push(done);
+        self.ks.iter().for_each(|_| (self.tick)());
+        true
     }
-    Ok(())
-}
 
-/// The full model once per calibration batch, layer by layer; at each MoE layer l, the residual stream
-/// after l's attention is the input every (l, k) pass shares, so each k runs only l's feed-forward and
-/// the layers after it. Same deltas as [`layers_by_full_passes`], bit for bit.
-#[allow(clippy::too_many_arguments)]
-fn layers_from_cache(
-    job: &ProfileJob<'_>,
-    stack: &dyn crate::stack::Stack,
-    ks: &[u32],
-    reference: &Reference,
-    partial: Option<&SensitivityProfile>,
-    profile: &mut SensitivityProfile,
-    save: &mut impl FnMut(&SensitivityProfile) -> Result<()>,
-    tick: &mut impl FnMut(),
-) -> Result<()> {
-    let _guard = tch::no_grad_guard();
-    let scorer = job.scorer;
-    let batches = scorer.batches(job.calib)?;
-    if job.metric == ProfileMetric::Kl && batches.len() != reference.hidden.len() {
-        anyhow::bail!("{} reference batches for {} calibration batches", reference.hidden.len(), batches.len());
+    /// Push layer `layer`'s measured deltas (k = K appended with delta 0) and save the profile so far.
+    fn finish_layer(&mut self, layer: usize, mut delta: Vec<f64>) -> Result<()> {
+        let mut k_list = self.ks.clone();
+        k_list.push(self.profile.full_k);
+        delta.push(0.0);
+        self.profile.layers.push(LayerProfile { layer, k: k_list, delta });
+        (self.save)(&self.profile)
     }
-    // The full model as the profiled passes run it elsewhere: every MoE layer at the native K.
-    let full = PerLayerTopK::new(LayerAllocation::new(job.shape.moe_layers.clone(), vec![job.shape.native_k as u32; job.shape.moe_layers.len()])?);
-    fn ctx_of<'p>(p: &'p dyn DevicePolicy, scorer: &Scorer<'_>) -> ForwardCtx<'p> {
-        ForwardCtx::new(p).with_renormalize(scorer.renormalize)
-    }
-    // Per batch: the residual stream and the plan every layer of the pass shares.
-    let mut states = Vec::with_capacity(batches.len());
-    for ids in &batches {
-        states.push(stack.begin(ids).context("embedding the calibration batch")?);
-    }
-    let last = job.shape.moe_layers.iter().copied().filter(|&l| resumed(partial, l).is_none()).max();
-    for i in 0..stack.num_layers() {
-        // Past the last layer to measure, the rest of the stack is not needed.
-        let Some(last) = last.filter(|&l| i <= l) else { break };
-        for (x, step) in &mut states {
-            *x = stack.attention(i, x, step, &mut ctx_of(&full, scorer)).with_context(|| format!("layer {i} attention"))?;
-        }
-        if let Some(done) = resumed(partial, i) {
-            profile.layers.push(done.clone());
-            ks.iter().for_each(|_| tick());
-        } else if job.shape.moe_layers.contains(&i) {
+
+    /// One whole forward pass per (layer, k).
+    fn layers_by_full_passes(&mut self) -> Result<()> {
+        let job = self.job;
+        for &layer in &job.shape.moe_layers {
+            if self.keep_resumed(layer) {
+                continue;
+            }
             let mut delta = Vec::new();
-            for &k in ks {
-                let policy = one_layer_at(job.shape, i, k)?;
-                let what = || format!("profiling layer {i} at k = {k}");
+            for k in self.ks.clone() {
+                let policy = one_layer_at(job.shape, layer, k)?;
+                let what = || format!("profiling layer {layer} at k = {k}");
                 let d = match job.metric {
-                    ProfileMetric::Nll => {
-                        let (mut nll, mut tokens) = (0.0f64, 0u64);
-                        for ((x, step), ids) in states.iter().zip(&batches) {
-                            let hidden = crate::stack::run_from_feed_forward(stack, i, x, step, &mut ctx_of(&policy, scorer)).with_context(what)?;
-                            let s = scorer.hidden_nll(&hidden, ids).with_context(what)?;
-                            if !s.is_finite() {
-                                anyhow::bail!("{}: the loss is {s} (not finite) under policy {}", what(), policy.name());
-                            }
-                            nll += s;
-                            tokens += (ids.size()[0] * (ids.size()[1] - 1)) as u64;
-                        }
-                        nll / tokens.max(1) as f64 - reference.nll
-                    }
-                    ProfileMetric::Kl => {
-                        let (mut kl, mut positions) = (0.0f64, 0u64);
-                        for ((x, step), href) in states.iter().zip(&reference.hidden) {
-                            let hidden = crate::stack::run_from_feed_forward(stack, i, x, step, &mut ctx_of(&policy, scorer)).with_context(what)?;
-                            positions += scorer.add_kl(&hidden, href, &mut kl).with_context(what)?;
-                        }
-                        if !kl.is_finite() {
-                            anyhow::bail!("{}: the KL divergence is {kl} (not finite) under policy {}", what(), policy.name());
-                        }
-                        kl / positions.max(1) as f64
-                    }
+                    ProfileMetric::Nll => job.scorer.text_nll(&policy, job.calib, None).with_context(what)?.mean() - self.reference.nll,
+                    ProfileMetric::Kl => job.scorer.kl_to_reference(&policy, job.calib, &self.reference.hidden).with_context(what)?,
                 };
                 delta.push(d);
-                tick();
+                (self.tick)();
             }
-            finish_layer(profile, i, ks, delta, save)?;
+            self.finish_layer(layer, delta)?;
         }
-        if i < last {
+        Ok(())
+    }
+
+    /// The full model once per calibration batch, layer by layer; at each MoE layer l, the residual
+    /// stream after l's attention is the input every (l, k) pass shares, so each k runs only l's
+    /// feed-forward and the layers after it. Same deltas as [`Run::layers_by_full_passes`], bit for bit.
+    fn layers_from_cache(&mut self, stack: &dyn crate::stack::Stack) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let job = self.job;
+        let scorer = job.scorer;
+        let batches = scorer.batches(job.calib)?;
+        if job.metric == ProfileMetric::Kl && batches.len() != self.reference.hidden.len() {
+            anyhow::bail!("{} reference batches for {} calibration batches", self.reference.hidden.len(), batches.len());
+        }
+        // The full model as the profiled passes run it elsewhere: every MoE layer at the native K.
+        let full = PerLayerTopK::new(LayerAllocation::new(job.shape.moe_layers.clone(), vec![job.shape.native_k as u32; job.shape.moe_layers.len()])?);
+        fn ctx_of<'p>(p: &'p dyn DevicePolicy, scorer: &Scorer<'_>) -> ForwardCtx<'p> {
+            ForwardCtx::new(p).with_renormalize(scorer.renormalize)
+        }
+        // Per batch: the residual stream and the plan every layer of the pass shares.
+        let mut states = Vec::with_capacity(batches.len());
+        for ids in &batches {
+            states.push(stack.begin(ids).context("embedding the calibration batch")?);
+        }
+        let last = job.shape.moe_layers.iter().copied().filter(|&l| self.resumed(l).is_none()).max();
+        for i in 0..stack.num_layers() {
+            // Past the last layer to measure, the rest of the stack is not needed.
+            let Some(last) = last.filter(|&l| i <= l) else { break };
             for (x, step) in &mut states {
-                *x = stack.feed_forward(i, x, step, &mut ctx_of(&full, scorer)).with_context(|| format!("layer {i} feed-forward"))?;
+                *x = stack.attention(i, x, step, &mut ctx_of(&full, scorer)).with_context(|| format!("layer {i} attention"))?;
+            }
+            // A layer the interrupted run finished is kept; any other MoE layer is measured.
+            if !self.keep_resumed(i) && job.shape.moe_layers.contains(&i) {
+                let mut delta = Vec::new();
+                for k in self.ks.clone() {
+                    let policy = one_layer_at(job.shape, i, k)?;
+                    let what = || format!("profiling layer {i} at k = {k}");
+                    let d = match job.metric {
+                        ProfileMetric::Nll => {
+                            let (mut nll, mut tokens) = (0.0f64, 0u64);
+                            for ((x, step), ids) in states.iter().zip(&batches) {
+                                let hidden = crate::stack::run_from_feed_forward(stack, i, x, step, &mut ctx_of(&policy, scorer)).with_context(what)?;
+                                let s = scorer.hidden_nll(&hidden, ids).with_context(what)?;
+                                if !s.is_finite() {
+                                    anyhow::bail!("{}: the loss is {s} (not finite) under policy {}", what(), policy.name());
+                                }
+                                nll += s;
+                                tokens += (ids.size()[0] * (ids.size()[1] - 1)) as u64;
+                            }
+                            nll / tokens.max(1) as f64 - self.reference.nll
+                        }
+                        ProfileMetric::Kl => {
+                            let (mut kl, mut positions) = (0.0f64, 0u64);
+                            for ((x, step), href) in states.iter().zip(&self.reference.hidden) {
+                                let hidden = crate::stack::run_from_feed_forward(stack, i, x, step, &mut ctx_of(&policy, scorer)).with_context(what)?;
+                                positions += scorer.add_kl(&hidden, href, &mut kl).with_context(what)?;
+                            }
+                            if !kl.is_finite() {
+                                anyhow::bail!("{}: the KL divergence is {kl} (not finite) under policy {}", what(), policy.name());
+                            }
+                            kl / positions.max(1) as f64
+                        }
+                    };
+                    delta.push(d);
+                    (self.tick)();
+                }
+                self.finish_layer(i, delta)?;
+            }
+            if i < last {
+                for (x, step) in &mut states {
+                    *x = stack.feed_forward(i, x, step, &mut ctx_of(&full, scorer)).with_context(|| format!("layer {i} feed-forward"))?;
+                }
             }
         }
-    }
-    // Resumed layers after the last measured one (the loop stopped before them).
-    for &layer in job.shape.moe_layers.iter().filter(|&&l| last.is_none_or(|last| l > last)) {
-        if let Some(done) = resumed(partial, layer) {
-            profile.layers.push(done.clone());
-            ks.iter().for_each(|_| tick());
+        // Resumed layers after the last measured one (the loop stopped before them).
+        for &layer in job.shape.moe_layers.iter().filter(|&&l| last.is_none_or(|last| l > last)) {
+            self.keep_resumed(layer);
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Run the full model on the calibration sequences and copy every MoE layer's router probabilities to
