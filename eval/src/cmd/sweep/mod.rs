@@ -167,7 +167,8 @@ pub fn run(args: Args) -> Result<()> {
     let old_spec = std::fs::read(&spec_path).ok();
     write_atomic(&spec_path, serde_json::to_string_pretty(&spec_json)?.as_bytes())?;
     let records_before = results.count();
-    let outcome = run_all(&args, &spec, &spec_json, &out, &methods, &tasks, engine, &mut results);
+    let inputs = Inputs { spec: &spec, spec_json: &spec_json, out: &out, methods: &methods, tasks: &tasks, engine };
+    let outcome = run_all(&args, &inputs, &mut results);
     if outcome.is_err() && results.count() == records_before {
         // Nothing was recorded (a bad checkpoint, tokenizer or text): leave no partial output. Files a
         // failed run did produce (a measured profile) are kept for the next run; remove_dir only
@@ -183,18 +184,25 @@ pub fn run(args: Args) -> Result<()> {
     outcome
 }
 
-/// Every model, then the CSV, the figures and the summary; an error if every point of the sweep failed.
-#[allow(clippy::too_many_arguments)]
-fn run_all(
-    args: &Args,
-    spec: &SweepSpec,
-    spec_json: &serde_json::Value,
-    out: &Path,
-    methods: &[Method],
-    tasks: &[Task],
+/// What a run resolved from its arguments and spec before touching any model.
+struct Inputs<'a> {
+    /// The resolved spec.
+    spec: &'a SweepSpec,
+    /// The spec as JSON (written to `spec.json`, copied into every record).
+    spec_json: &'a serde_json::Value,
+    /// The results directory.
+    out: &'a Path,
+    /// The spec's methods, parsed.
+    methods: &'a [Method],
+    /// The spec's tasks, parsed.
+    tasks: &'a [Task],
+    /// Device, dtype and mixing rule.
     engine: model::Engine,
-    results: &mut ResultsFile,
-) -> Result<()> {
+}
+
+/// Every model, then the CSV, the figures and the summary; an error if every point of the sweep failed.
+fn run_all(args: &Args, inputs: &Inputs<'_>, results: &mut ResultsFile) -> Result<()> {
+    let Inputs { spec, spec_json, out, methods, tasks, engine } = *inputs;
     let provenance = Provenance::collect();
     let run_id = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "sweep".into());
     eprintln!("sweep: {} model(s), results in {}", spec.models.len(), out.display());
