@@ -149,7 +149,7 @@ mod tests {
                 for (s, (g, l)) in got.iter().zip(&lins).enumerate() {
                     let mut want = l.forward(&xn).expect("linear");
                     if s == 0 && use_res {
-                        want = want + &res;
+                        want += &res;
                     }
                     let err = (g.to_kind(Kind::Float) - want.to_kind(Kind::Float)).abs().max().double_value(&[]);
                     let mag = want.to_kind(Kind::Float).abs().max().double_value(&[]);
