@@ -3,6 +3,9 @@
 //! The linker's default `--as-needed` drops libtorch_cuda.so from a binary that calls no CUDA symbol
 //! directly, and then CUDA is silently unavailable even on a GPU machine (../shared/GPU.md). These flags
 //! apply to this crate's binaries only; global rustflags would break every build script instead.
+#[path = "src/git_commit.rs"]
+mod git_commit;
+
 fn main() {
     let libtorch = std::env::var("LIBTORCH").unwrap_or_default();
     let has_cuda = std::path::Path::new(&libtorch).join("lib/libtorch_cuda.so").exists();
@@ -14,18 +17,10 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     // Provenance: the git commit the binary was built from (results also record the commit of the tree
     // it runs in, which differs when the binary is carried to another machine).
-    let git = |args: &[&str]| {
-        std::process::Command::new("git")
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let sha = git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    let (sha, dirty) = git_commit::git_commit();
     println!("cargo:rustc-env=ALLOC_MOE_BUILD_SHA={sha}{}", if dirty { "-dirty" } else { "" });
     println!("cargo:rerun-if-changed=../.git/HEAD");
     println!("cargo:rerun-if-changed=../.git/refs/heads");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/git_commit.rs");
 }

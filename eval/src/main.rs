@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 mod device;
+mod git_commit;
 mod lexi;
 mod methods;
 mod plot;

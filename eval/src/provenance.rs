@@ -1,8 +1,6 @@
 //! Provenance: where a result came from (git commit, dirty tree, host, time), so a figure can be traced
 //! to the run that made it.
 
-use std::process::Command;
-
 use serde::{Deserialize, Serialize};
 
 /// Facts about the code and machine that produced a result.
@@ -27,16 +25,7 @@ pub struct Provenance {
 impl Provenance {
     /// Collect provenance now. Never fails: unknown facts are recorded as "unknown".
     pub fn collect() -> Self {
-        let git = |args: &[&str]| {
-            Command::new("git")
-                .args(args)
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        };
-        let git_sha = git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
-        let git_dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+        let (git_sha, git_dirty) = crate::git_commit::git_commit();
         let host = std::fs::read_to_string("/etc/hostname")
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
