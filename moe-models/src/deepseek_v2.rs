@@ -45,7 +45,7 @@ use crate::layers::decoder::{family_info, CommonConfig, Decoder, Ffn, Loaded, Se
 use crate::layers::mlp::Mlp;
 use crate::layers::moe::{check_top_k, MixingTable, MoeBlock, TopkMethod, SWIGLU_NAMES};
 use crate::layers::rotary::{yarn_mscale, RopeSpec, RopeStyle, Rotary};
-use crate::kernels::{MlaDecode, MlaPrep, Project};
+use crate::kernels::{project, MlaDecode, MlaPrep, Project};
 use crate::layers::{Linear, RmsNorm};
 use crate::loader::VarBuilder;
 
@@ -322,7 +322,6 @@ impl Attention {
     /// [`Self::project_inputs`] of `input_layernorm(x)` in one or two run-time compiled kernels (the
     /// norm folded in; `kernels::project`), or `None` where they do not apply.
     fn project_inputs_fused(&self, x: &Tensor, norm: &RmsNorm) -> Result<Option<(Tensor, Tensor)>> {
-        use crate::kernels::project;
         let kv_a = self.kv_a_proj_with_mqa.projection();
         let first = match (&self.q_proj, &self.q_a_proj) {
             (Some(q), _) | (None, Some(q)) => q.projection(),
@@ -465,7 +464,7 @@ impl SelfAttention for Attention {
         };
         let out = self.attend(layer, q, ckv, step, ctx)?;
         let o = self.o_proj.projection();
-        match crate::kernels::project(&Project { x: &out, norm: None, projections: &[o], residual: Some(x) })? {
+        match project(&Project { x: &out, norm: None, projections: &[o], residual: Some(x) })? {
             Some(mut y) => Ok(y.pop().expect("one projection")),
             None => Ok(x.f_add(&self.o_proj.forward(&out).ctx(format!("layers.{layer}.self_attn"))?)?),
         }

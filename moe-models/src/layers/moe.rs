@@ -100,11 +100,15 @@ impl Experts {
         }
     }
 
-    /// The fused decode kernels ([`crate::kernels::fused_moe`]) over these experts, with `routing` and
-    /// optionally a shared expert added in the same kernels.
+    /// The fused decode kernels' call ([`crate::kernels::fused_moe`]) over these experts for `x`, with
+    /// `routing` and optionally a shared expert added in the same kernels (no norm, no residual).
+    pub fn fused_call<'a>(&'a self, x: &'a Tensor, routing: Routing<'a>, shared: Option<SharedExpert<'a>>) -> MoeCall<'a> {
+        MoeCall { x, norm: None, residual: None, routing, gate_up: &self.gate_up_proj, down: &self.down_proj, shared }
+    }
+
+    /// [`crate::kernels::fused_moe`] of [`Self::fused_call`].
     pub fn forward_fused(&self, x: &Tensor, routing: Routing<'_>, shared: Option<SharedExpert<'_>>) -> Result<Tensor> {
-        let call = MoeCall { x, norm: None, residual: None, routing, gate_up: &self.gate_up_proj, down: &self.down_proj, shared };
-        crate::kernels::fused_moe(&call)
+        crate::kernels::fused_moe(&self.fused_call(x, routing, shared))
     }
 
     fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
@@ -387,20 +391,15 @@ impl MoeBlock {
         let shared_fuses = self.shared_experts.is_none() || self.shared().is_some();
         let bf16_norm = norm.weight.kind() == Kind::BFloat16;
         if let Some(k) = self.in_kernel_k(layer, &xf, tokens, ctx).filter(|_| ctx.fuse_decode && shared_fuses && bf16_norm) {
-            {
-                let m = self.mixing.get(ctx.renormalize);
-                let call = MoeCall {
-                    x: &xf,
-                    norm: Some((&norm.weight, norm.eps)),
-                    residual: Some(&xf),
-                    routing: Routing::TopK { router: &self.gate, k, renormalize: m.renormalize, scale: m.scale },
-                    gate_up: &self.experts.gate_up_proj,
-                    down: &self.experts.down_proj,
-                    shared: self.shared(),
-                };
-                let out = crate::kernels::fused_moe(&call).ctx(format!("layers.{layer}.mlp (fused norm, top-k, residual)"))?;
-                return out.f_reshape(&size).ctx("moe");
-            }
+            let m = self.mixing.get(ctx.renormalize);
+            let routing = Routing::TopK { router: &self.gate, k, renormalize: m.renormalize, scale: m.scale };
+            let call = MoeCall {
+                norm: Some((&norm.weight, norm.eps)),
+                residual: Some(&xf),
+                ..self.experts.fused_call(&xf, routing, self.shared())
+            };
+            let out = crate::kernels::fused_moe(&call).ctx(format!("layers.{layer}.mlp (fused norm, top-k, residual)"))?;
+            return out.f_reshape(&size).ctx("moe");
         }
         let f = self.forward(layer, &norm.forward(x)?, tokens, ctx)?;
         Ok(x.f_add(&f)?)
