@@ -16,6 +16,21 @@ __device__ __forceinline__ bf16 to_bf16(float f) {
   return (bf16)(u >> 16);
 }
 
+// Two f32 values rounded to bf16 (nearest even) and packed, lo in the low half: one instruction (sm_80).
+// A NaN becomes the canonical bf16 NaN (0x7fff), not to_bf16's 0x7fc0.
+__device__ __forceinline__ unsigned pack_bf16x2(float lo_v, float hi_v) {
+  unsigned r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi_v), "f"(lo_v));
+  return r;
+}
+
+// Pairwise bf16 products, each correctly rounded to bf16 (as a bf16 x bf16 product in libtorch): sm_90.
+__device__ __forceinline__ unsigned mul_bf16x2(unsigned a, unsigned b) {
+  unsigned r;
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+
 __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
   return lo(w.x) * lo(x.x) + hi(w.x) * hi(x.x) + lo(w.y) * lo(x.y) + hi(w.y) * hi(x.y) +
          lo(w.z) * lo(x.z) + hi(w.z) * hi(x.z) + lo(w.w) * lo(x.w) + hi(w.w) * hi(x.w);

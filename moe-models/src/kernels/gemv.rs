@@ -8,11 +8,14 @@ use super::{compiled, launch_dependent};
 use crate::error::Result;
 
 const GEMV_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("gemv.cu"));
-pub(super) static GEMV: Kernels = Kernels::new("gemv.cu", GEMV_SOURCE, &["gemv_norm"]);
+/// `[gemv_norm, gemv_warp]`.
+pub(super) static GEMV: Kernels = Kernels::new("gemv.cu", GEMV_SOURCE, &["gemv_norm", "gemv_warp"]);
 
 /// The most tokens [`project`] takes (`GEMV_MAX_T` in `gemv.cu`).
 pub const PROJECT_MAX_TOKENS: i64 = 8;
 const WARPS: i64 = 4;
+/// The widest input `gemv_warp` takes (`32 * 8 * GEMV_WARP_CHUNKS` in `gemv.cu`).
+const WARP_MAX_WIDTH: i64 = 2048;
 /// Shared memory for the staged inputs (`T * H` bf16).
 const MAX_STAGED_BYTES: i64 = 48 * 1024;
 
@@ -106,8 +109,15 @@ pub fn project(p: &Project<'_>) -> Result<Option<Vec<Tensor>>> {
         }
     }
     args.push(residual.as_ref().map_or(null, Arg::Tensor));
-    let grid = (rows as u32).div_ceil(WARPS as u32);
-    launch_dependent(k[0], [grid, 1, 1], [32 * WARPS as u32, 1, 1], (t * h * 2) as u32, &args)?;
+    let grid = [(rows as u32).div_ceil(WARPS as u32), 1, 1];
+    let block = [32 * WARPS as u32, 1, 1];
+    // One token of a width a lane's registers hold: each warp keeps its row in registers and normalises
+    // the input itself (no staging); else the input is staged in shared memory once per block.
+    if t == 1 && h <= WARP_MAX_WIDTH {
+        launch_dependent(k[1], grid, block, 0, &args)?;
+    } else {
+        launch_dependent(k[0], grid, block, (t * h * 2) as u32, &args)?;
+    }
     Ok(Some(outs))
 }
 
@@ -126,7 +136,8 @@ mod tests {
         let dev = Device::Cuda(0);
         tch::manual_seed(3);
         let bf = |s: &[i64], sd: f64| (Tensor::randn(s, (Kind::Float, dev)) * sd).to_kind(Kind::BFloat16);
-        for (t, h) in [(1i64, 2048i64), (3, 512), (1, 4096), (2, 136)] {
+        // One token up to 2048 wide: gemv_warp (136: a partial last chunk); else gemv_norm.
+        for (t, h) in [(1i64, 2048i64), (1, 136), (3, 512), (1, 4096), (2, 136)] {
             let x = bf(&[1, t, h], 1.0);
             let norm = RmsNorm { weight: bf(&[h], 1.0), eps: 1e-6 };
             let lins = [
