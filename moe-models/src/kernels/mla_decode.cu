@@ -270,3 +270,241 @@ mla_out(const float* __restrict__ part_o, const float* __restrict__ part_ml, con
     out[((i64)bt * NH + h) * V + v0 + tid] = to_bf16(s);
   }
 }
+
+// ---- One query token in one kernel: a thread block cluster per head ----
+//
+// For one token (B = T = 1) with the step's raw inputs, mla_q, mla_part and mla_out become one kernel:
+// each head gets a cluster of MLA_C blocks that exchange their pieces through distributed shared memory
+// (sm_90) instead of global memory and two kernel boundaries. Block c of head h
+//   1. computes q_lat columns [64 c, 64 c + 64) (R = 512) and ropes q_pe; the block that owns the step's
+//      slot normalises the new latent and ropes its k_pe (the owner in head 0 writes them into the cache);
+//   2. after a cluster barrier, gathers the whole q_lat from the cluster and attends over its slots j = c,
+//      c + MLA_C, ... (the new slot from its own shared memory, as other clusters may not see the cache
+//      write yet): the partial max, exp-sum and exp-weighted latent sum of flash-decoding;
+//   3. after a second barrier, merges the cluster's partials and writes output columns [16 c, 16 c + 16)
+//      (V = 128) of head h.
+// The rows of W_uk and W_uv a block needs (16 KB each) are loaded into registers before the wait.
+// Requirements (checked by the caller): R = 512, V = 128, N % 32 == 0, N <= 256, P % 8 == 0, P <= 256,
+// ceil(S / MLA_C) floats of dynamic shared memory, 16-byte aligned rows.
+
+#define MLA_C 8      // blocks per head (one cluster)
+#define MLA_CR 512   // R
+#define MLA_CV 128   // V
+
+__device__ __forceinline__ unsigned cluster_rank() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+
+// Every thread of every block of the cluster arrives; shared-memory writes before it are visible to
+// the cluster after it (and it is a block barrier too).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// The f32 at this block's shared address p, read from block `rank` of the cluster.
+__device__ __forceinline__ float ld_cluster(const float* p, unsigned rank) {
+  unsigned long long g;
+  asm("cvta.to.shared.u64 %0, %1;" : "=l"(g) : "l"(p));
+  unsigned d;
+  float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"((unsigned)g), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(d) : "memory");
+  return v;
+}
+
+// grid (NH * MLA_C), cluster MLA_C, block 256, dynamic shared memory ceil(S / MLA_C) floats. Shapes as
+// above with B = T = 1: q_nope and q_pe_raw (NH, N) / (NH, P) with head stride qs_h; cos, sin (P / 2);
+// kv_in (R + P); ckv, kpe rows of stride c_s, k_s; bias (S); out (NH, V).
+extern "C" __global__ void __cluster_dims__(MLA_C, 1, 1) __launch_bounds__(MLA_THREADS)
+mla_cluster(const bf16* __restrict__ q_nope, i64 qs_h, const bf16* __restrict__ q_pe_raw,
+            const bf16* __restrict__ w_uk, const bf16* __restrict__ w_uv, const float* __restrict__ cos_t,
+            const float* __restrict__ sin_t, int interleaved, const bf16* __restrict__ kv_in,
+            const bf16* __restrict__ kv_norm, float eps, bf16* __restrict__ ckv, i64 c_s, bf16* __restrict__ kpe,
+            i64 k_s, const i64* __restrict__ slots, const float* __restrict__ bias, bf16* __restrict__ out,
+            int N, int P, int S, float scale) {
+  extern __shared__ float sc[];                 // this block's slots' scores, then weights
+  __shared__ float part[32][65];                // q_lat partial sums of the 32 row groups
+  __shared__ float acc[4 * MLA_CR];             // latent sums of the 4 slot groups
+  __shared__ float qf[MLA_CR + 256];            // the whole q_lat, then q_pe
+  __shared__ float qlat_s[64];                  // this block's q_lat columns (read by the cluster)
+  __shared__ float po[MLA_CR];                  // this block's partial latent sum (read by the cluster)
+  __shared__ float ml[2];                       // this block's max and exp-sum (read by the cluster)
+  __shared__ float red[33];
+  __shared__ float outp[8][16];
+  __shared__ __align__(16) bf16 kvs[MLA_CR];    // the new slot's normalised latent (owner block)
+  __shared__ __align__(16) bf16 kps[256];       // the new slot's roped k_pe (owner block)
+  __shared__ __align__(16) bf16 qpe[256];       // the roped q_pe
+  const unsigned c = cluster_rank();
+  const int h = blockIdx.x / MLA_C;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int ns = S > (int)c ? (S - (int)c + MLA_C - 1) / MLA_C : 0;  // slots j = c + MLA_C * m, m < ns
+  // Before the wait: this block's rows of W_uk (rows g, g + 32, ...; 8 of its 64 columns) and of W_uv
+  // (rows tid, tid + 256; its 16 columns), and a prefetch of its slots' cache rows.
+  const int g = tid >> 3, cg = tid & 7;
+  const bf16* kb = w_uk + (i64)h * N * MLA_CR + c * 64 + cg * 8;
+  uint4 wk[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    if (g + 32 * i < N) wk[i] = *reinterpret_cast<const uint4*>(kb + (i64)(g + 32 * i) * MLA_CR);
+  const bf16* vb = w_uv + (i64)h * MLA_CR * MLA_CV + c * 16;
+  uint4 wv[2][2];
+#pragma unroll
+  for (int k = 0; k < 2; ++k)
+#pragma unroll
+    for (int q = 0; q < 2; ++q) wv[k][q] = *reinterpret_cast<const uint4*>(vb + (i64)(k * 256 + tid) * MLA_CV + q * 8);
+  {
+    const int lines_c = MLA_CR * 2 / 128, lines = lines_c + (P * 2 + 127) / 128;
+    for (int i = tid; i < ns * lines; i += MLA_THREADS) {
+      const int j = c + MLA_C * (i / lines), l = i % lines;
+      if (bias[j] != NEG_INF)
+        prefetch_l2(l < lines_c ? (const void*)(ckv + j * c_s + l * 64) : (const void*)(kpe + j * k_s + (l - lines_c) * 64));
+    }
+  }
+  pdl_wait();  // q, kv_in and the step's cos/sin come from earlier kernels
+  pdl_release();
+  // 1. q_lat columns, q_pe, and the new slot.
+  {
+    const bf16* qn = q_nope + h * qs_h;
+    float qv[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (g + 32 * i < N) qv[i] = bf(qn[g + 32 * i]);
+    float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (g + 32 * i < N) fma8(a, qv[i], wk[i]);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) part[g][cg * 8 + j] = a[j];
+  }
+  if (tid < P / 2) rope_pair(q_pe_raw + h * qs_h, 1, qpe, tid, P, interleaved, cos_t[tid], sin_t[tid]);
+  const i64 slot = slots[0];
+  const bool owner = slot % MLA_C == c;
+  if (owner) {  // uniform over the block
+    stage_row<1>(kv_in, kv_norm, eps, MLA_CR, kvs, red);
+    if (tid < P / 2) rope_pair(kv_in + MLA_CR, 1, kps, tid, P, interleaved, cos_t[tid], sin_t[tid]);
+  }
+  __syncthreads();
+  if (tid < 64) {
+    float s = 0.f;
+#pragma unroll 8
+    for (int q = 0; q < 32; ++q) s += part[q][tid];
+    qlat_s[tid] = s;
+  }
+  if (owner && h == 0) {  // the cache keeps the new slot for later steps
+    if (tid * 8 < MLA_CR) *reinterpret_cast<uint4*>(ckv + slot * c_s + tid * 8) = *reinterpret_cast<const uint4*>(kvs + tid * 8);
+    if (tid * 8 < P) *reinterpret_cast<uint4*>(kpe + slot * k_s + tid * 8) = *reinterpret_cast<const uint4*>(kps + tid * 8);
+  }
+  cluster_sync();
+  // 2. The whole q_lat, then this block's slots.
+  for (int i = tid; i < MLA_CR; i += MLA_THREADS) qf[i] = ld_cluster(&qlat_s[i & 63], i >> 6);
+  if (tid < P) qf[MLA_CR + tid] = bf(qpe[tid]);
+  __syncthreads();
+  for (int m0 = warp * 4; m0 < ns; m0 += 32) {  // four slots a warp at a time, all rows in flight
+    float bj[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) bj[u] = m0 + u < ns ? bias[c + MLA_C * (m0 + u)] : NEG_INF;
+    uint4 cv[4][2], kv[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int j = c + MLA_C * (m0 + u);
+      cv[u][0] = cv[u][1] = kv[u] = make_uint4(0, 0, 0, 0);
+      if (bj[u] != NEG_INF) {  // the same for the whole warp
+        const bf16* cr = j == slot ? kvs : ckv + j * c_s;
+        const bf16* kr = j == slot ? kps : kpe + j * k_s;
+#pragma unroll
+        for (int k = 0; k < 2; ++k) cv[u][k] = *reinterpret_cast<const uint4*>(cr + k * 256 + lane * 8);
+        if (lane * 8 < P) kv[u] = *reinterpret_cast<const uint4*>(kr + lane * 8);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      float d = 0.f;
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int col = k * 256 + lane * 8;
+        d += dot8f(cv[u][k], *reinterpret_cast<const float4*>(qf + col), *reinterpret_cast<const float4*>(qf + col + 4));
+      }
+      if (lane * 8 < P)
+        d += dot8f(kv[u], *reinterpret_cast<const float4*>(qf + MLA_CR + lane * 8),
+                   *reinterpret_cast<const float4*>(qf + MLA_CR + lane * 8 + 4));
+      d = warp_sum(d);
+      if (lane == 0 && m0 + u < ns) sc[m0 + u] = bj[u] == NEG_INF ? NEG_INF : d * scale + bj[u];
+    }
+  }
+  __syncthreads();
+  float mx = NEG_INF;
+  for (int m = tid; m < ns; m += MLA_THREADS) mx = fmaxf(mx, sc[m]);
+  mx = block_reduce(mx, true, red);
+  float l = 0.f;
+  for (int m = tid; m < ns; m += MLA_THREADS) {
+    const float e = (sc[m] == NEG_INF || mx == NEG_INF) ? 0.f : expf(sc[m] - mx);
+    sc[m] = e;
+    l += e;
+  }
+  l = block_reduce(l, false, red);  // its barriers also publish sc
+  {
+    const int rg = tid & 63, kg = tid >> 6;  // 64 groups of 8 latent columns x 4 slot groups
+    float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+    for (int m = kg; m < ns; m += 4) {
+      const float p = sc[m];
+      const int j = c + MLA_C * m;
+      if (p != 0.f) fma8(a, p, *reinterpret_cast<const uint4*>((j == slot ? kvs : ckv + j * c_s) + rg * 8));
+    }
+#pragma unroll
+    for (int q = 0; q < 8; ++q) acc[kg * MLA_CR + rg * 8 + q] = a[q];
+  }
+  __syncthreads();
+  for (int r = tid; r < MLA_CR; r += MLA_THREADS) po[r] = acc[r] + acc[MLA_CR + r] + acc[2 * MLA_CR + r] + acc[3 * MLA_CR + r];
+  if (tid == 0) ml[0] = mx, ml[1] = l;
+  cluster_sync();
+  // 3. Merge the cluster's partials (weights exp(m - M) / L, as mla_out), then this block's columns.
+  float wt[MLA_C];
+  {
+    float M = NEG_INF, mr[MLA_C], lr[MLA_C];
+#pragma unroll
+    for (int r = 0; r < MLA_C; ++r) {
+      mr[r] = ld_cluster(&ml[0], r);
+      lr[r] = ld_cluster(&ml[1], r);
+      M = fmaxf(M, mr[r]);
+    }
+    float L = 0.f;
+#pragma unroll
+    for (int r = 0; r < MLA_C; ++r) {
+      wt[r] = mr[r] == NEG_INF ? 0.f : expf(mr[r] - M);
+      L += wt[r] * lr[r];
+    }
+#pragma unroll
+    for (int r = 0; r < MLA_C; ++r) wt[r] = L > 0.f ? wt[r] / L : 0.f;
+  }
+  float ol[2];
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    float o = 0.f;
+#pragma unroll
+    for (int r = 0; r < MLA_C; ++r) o += wt[r] * ld_cluster(&po[k * 256 + tid], r);
+    ol[k] = o;
+  }
+  cluster_sync();  // no block reads another's shared memory after this: blocks may exit
+  float a[16];
+#pragma unroll
+  for (int j = 0; j < 16; ++j) a[j] = 0.f;
+#pragma unroll
+  for (int k = 0; k < 2; ++k)
+#pragma unroll
+    for (int q = 0; q < 2; ++q) fma8(a + q * 8, ol[k], wv[k][q]);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const float s = warp_sum(a[j]);
+    if (lane == j) outp[warp][j] = s;
+  }
+  __syncthreads();
+  if (tid < 16) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) s += outp[w][tid];
+    out[(i64)h * MLA_CV + c * 16 + tid] = to_bf16(s);
+  }
+}
