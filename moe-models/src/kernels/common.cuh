@@ -137,6 +137,42 @@ __device__ __forceinline__ void stage_row(const bf16* __restrict__ x, const bf16
   __syncthreads();
 }
 
+// A warp's view of one row of H bf16 (H <= 256 * CH): lane l holds columns k * 256 + 8 l .. + 8 in v[k]
+// (zeros past H). Every load is issued before any is used.
+template <int CH>
+__device__ __forceinline__ void warp_load_row(uint4* v, const bf16* __restrict__ p, int H, int lane) {
+#pragma unroll
+  for (int k = 0; k < CH; ++k) {
+    const int c = k * 256 + lane * 8;
+    v[k] = c < H ? *reinterpret_cast<const uint4*>(p + c) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// RMSNorm of a row held as warp_load_row leaves it, in place, by one warp with no shared memory:
+// x = bf16(norm_w * bf16(x * rsqrt(mean(x^2) + eps))), transformers' rounding, with the hardware's bf16
+// conversions and products (a software rounding per element made every warp of a projection spend ~5 us
+// of an H200's issue slots on V2-Lite's 2048-wide rows).
+template <int CH>
+__device__ __forceinline__ void warp_norm_row(uint4* x, const bf16* __restrict__ norm_w, float eps, int H, int lane) {
+  uint4 nv[CH];
+  warp_load_row<CH>(nv, norm_w, H, lane);
+  float ss = 0.f;
+#pragma unroll
+  for (int k = 0; k < CH; ++k) {
+    const unsigned* w = reinterpret_cast<const unsigned*>(&x[k]);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) ss += lo(w[q]) * lo(w[q]) + hi(w[q]) * hi(w[q]);
+  }
+  const float r = rsqrtf(warp_sum(ss) / H + eps);
+#pragma unroll
+  for (int k = 0; k < CH; ++k) {
+    unsigned* w = reinterpret_cast<unsigned*>(&x[k]);
+    const unsigned* n = reinterpret_cast<const unsigned*>(&nv[k]);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) w[q] = mul_bf16x2(n[q], pack_bf16x2(lo(w[q]) * r, hi(w[q]) * r));
+  }
+}
+
 // Programmatic dependent launch (kernels launched with cuda_graph's `Function::launch_dependent`, sm_90):
 // pdl_wait blocks until the previous kernel has finished and its writes are visible; pdl_release then lets
 // the stream's next kernel start launching its blocks (to read its weights while this one works). Before

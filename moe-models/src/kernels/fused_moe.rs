@@ -12,12 +12,16 @@ use crate::error::{Error, Result};
 pub const FUSED_MOE_MAX_PAIRS: i64 = 64;
 
 const WARPS: u32 = 4;
+/// The widest input `moe_router_warp` takes (`256 * ROUTER_WARP_CHUNKS` in `moe_decode.cu`).
+const ROUTER_WARP_MAX_WIDTH: i64 = 2048;
 
 const MOE_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("moe_decode.cu"));
-const MOE_NAMES: [&str; 7] = ["moe_router", "moe_down_1", "moe_down_2", "moe_down_4", "moe_gate_up_64", "moe_gate_up_128", "moe_gate_up_256"];
+const MOE_NAMES: [&str; 8] =
+    ["moe_router", "moe_down_1", "moe_down_2", "moe_down_4", "moe_gate_up_64", "moe_gate_up_128", "moe_gate_up_256", "moe_router_warp"];
 pub(super) static MOE: Kernels = Kernels::new("moe_decode.cu", MOE_SOURCE, &MOE_NAMES);
 
-/// `[moe_router, moe_down_1, moe_down_2, moe_down_4, moe_gate_up_64, moe_gate_up_128, moe_gate_up_256]`.
+/// `[moe_router, moe_down_1, moe_down_2, moe_down_4, moe_gate_up_64, moe_gate_up_128, moe_gate_up_256,
+/// moe_router_warp]`.
 fn moe_kernels(device: Device) -> Result<&'static [Function]> {
     compiled(&MOE, device)
 }
@@ -272,7 +276,12 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
                 Arg::Tensor(&x), norm.map_or(null, |(nw, _)| Arg::Tensor(nw)), Arg::F32(norm.map_or(0.0, |(_, eps)| eps as f32)),
                 Arg::Tensor(&xn), Arg::Tensor(router), Arg::Tensor(&logits), Arg::I32(h as i32), Arg::I32(e as i32),
             ];
-            launch_dependent(k[0], [rows(e), n as u32, 1], block, (h * 2) as u32, &r)?;
+            // One token of a width a lane's registers hold: a warp per expert with its row in registers.
+            if n == 1 && h <= ROUTER_WARP_MAX_WIDTH {
+                launch_dependent(k[7], [(e as u32).div_ceil(4), 1, 1], [128, 1, 1], 0, &r)?;
+            } else {
+                launch_dependent(k[0], [rows(e), n as u32, 1], block, (h * 2) as u32, &r)?;
+            }
             let gu = [
                 Arg::Tensor(&xn), null, Arg::Tensor(&logits), Arg::Tensor(gate_up), Arg::Tensor(&act), Arg::Tensor(&owned_ids),
                 Arg::Tensor(&wts), sg, su, Arg::Tensor(&act_s), sgate, Arg::Tensor(&gate_w),

@@ -136,46 +136,15 @@ gemv_warp(const bf16* __restrict__ x, int T, int H, const bf16* __restrict__ nor
     pdl_release();
     return;
   }
-  const bf16* wr = W + (i64)row * H;
   uint4 wv[GEMV_WARP_CHUNKS];
-#pragma unroll
-  for (int k = 0; k < GEMV_WARP_CHUNKS; ++k) {
-    const int c = k * 256 + lane * 8;
-    wv[k] = c < H ? *reinterpret_cast<const uint4*>(wr + c) : make_uint4(0, 0, 0, 0);
-  }
+  warp_load_row<GEMV_WARP_CHUNKS>(wv, W + (i64)row * H, H, lane);
   const float bias = lane == 0 && B != 0 ? bf(B[row]) : 0.f;
   pdl_wait();  // the input and the residual come from earlier kernels
   pdl_release();
   const float extra = bias + (lane == 0 && add ? bf(res[row]) : 0.f);
   uint4 xv[GEMV_WARP_CHUNKS];
-#pragma unroll
-  for (int k = 0; k < GEMV_WARP_CHUNKS; ++k) {
-    const int c = k * 256 + lane * 8;
-    xv[k] = c < H ? *reinterpret_cast<const uint4*>(x + c) : make_uint4(0, 0, 0, 0);
-  }
-  if (norm_w != 0) {
-    uint4 nv[GEMV_WARP_CHUNKS];
-#pragma unroll
-    for (int k = 0; k < GEMV_WARP_CHUNKS; ++k) {
-      const int c = k * 256 + lane * 8;
-      nv[k] = c < H ? *reinterpret_cast<const uint4*>(norm_w + c) : make_uint4(0, 0, 0, 0);
-    }
-    float ss = 0.f;
-#pragma unroll
-    for (int k = 0; k < GEMV_WARP_CHUNKS; ++k) {
-      const unsigned* w = reinterpret_cast<const unsigned*>(&xv[k]);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) ss += lo(w[q]) * lo(w[q]) + hi(w[q]) * hi(w[q]);
-    }
-    const float r = rsqrtf(warp_sum(ss) / H + eps);
-#pragma unroll
-    for (int k = 0; k < GEMV_WARP_CHUNKS; ++k) {
-      unsigned* w = reinterpret_cast<unsigned*>(&xv[k]);
-      const unsigned* n = reinterpret_cast<const unsigned*>(&nv[k]);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) w[q] = mul_bf16x2(n[q], pack_bf16x2(lo(w[q]) * r, hi(w[q]) * r));
-    }
-  }
+  warp_load_row<GEMV_WARP_CHUNKS>(xv, x, H, lane);
+  if (norm_w != 0) warp_norm_row<GEMV_WARP_CHUNKS>(xv, norm_w, eps, H, lane);
   float acc = 0.f;
 #pragma unroll
   for (int k = 0; k < GEMV_WARP_CHUNKS; ++k) acc += dot8(wv[k], xv[k]);
