@@ -7,10 +7,11 @@ use tch::{Device, Kind, Tensor};
 
 use super::decoder::{SelfAttention, Step};
 use super::qk_norm::{self, QkNorm, QkNormScope};
-use super::Linear;
+use super::{Linear, RmsNorm};
 use crate::cache::KvCache;
 use crate::ctx::ForwardCtx;
 use crate::error::{Error, Result, TorchContext};
+use crate::kernels::{project, Project};
 use crate::loader::VarBuilder;
 
 /// What every layer of one forward pass needs to know about positions and masking.
@@ -292,12 +293,31 @@ impl GqaAttention {
     /// q `(b, t, heads, d)`, k and v `(b, t, kv_heads, d)` for `x` `(b, t, h)`: the projections, then the
     /// optional QK-norm (before or after the split into heads) and clipping.
     fn project(&self, x: &Tensor, b: i64, t: i64) -> Result<(Tensor, Tensor, Tensor)> {
+        let (q, k, v) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?);
+        self.split_heads(q, k, v, b, t)
+    }
+
+    /// [`Self::project`] of `norm(x)` with the norm and the three projections in one kernel
+    /// (`kernels::project`); `None` when that kernel does not apply.
+    fn project_fused(&self, x: &Tensor, norm: &RmsNorm, b: i64, t: i64) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        let qkv = [self.q_proj.projection(), self.k_proj.projection(), self.v_proj.projection()];
+        let Some(mut outs) = project(&Project { x, norm: Some((&norm.weight, norm.eps)), projections: &qkv, residual: None })? else {
+            return Ok(None);
+        };
+        let v = outs.pop().expect("three projections");
+        let k = outs.pop().expect("three projections");
+        let q = outs.pop().expect("three projections");
+        self.split_heads(q, k, v, b, t).map(Some)
+    }
+
+    /// The projections' outputs `(b, t, heads * d)`, `(b, t, kv_heads * d)` x 2 as heads, with the
+    /// optional QK-norm (before or after the split) and clipping.
+    fn split_heads(&self, mut q: Tensor, mut k: Tensor, v: Tensor, b: i64, t: i64) -> Result<(Tensor, Tensor, Tensor)> {
         let GqaShape { heads, kv_heads, head_dim, .. } = self.shape;
-        let (mut q, mut k) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?); // (b, t, nh * d), (b, t, kvh * d)
         if let Some(n) = &self.qk_norm {
             (q, k) = n.apply(QkNormScope::Projection, q, k)?;
         }
-        let [q, k, v] = qk_norm::clip(self.clip_qkv, [q, k, self.v_proj.forward(x)?])?;
+        let [q, k, v] = qk_norm::clip(self.clip_qkv, [q, k, v])?;
         let q = q.f_reshape([b, t, heads, head_dim])?; // (b, t, nh, d)
         let k = k.f_reshape([b, t, kv_heads, head_dim])?; // (b, t, kvh, d)
         let v = v.f_reshape([b, t, kv_heads, head_dim])?; // (b, t, kvh, d)
@@ -308,6 +328,22 @@ impl GqaAttention {
             }
             None => Ok((q, k, v)),
         }
+    }
+
+    /// Rotary, the cache and attention for q `(b, t, heads, d)`, k and v `(b, t, kv_heads, d)`: `(b, t,
+    /// heads * d)`, before `o_proj`.
+    fn attend(&self, layer: usize, (q, k, v): (Tensor, Tensor, Tensor), step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
+        let GqaShape { heads, head_dim, .. } = self.shape;
+        let (b, t) = (step.plan.b, step.plan.t);
+        let q = step.rotary.apply(&q.f_transpose(1, 2)?, &step.cos, &step.sin)?; // (b, nh, t, d)
+        let k = step.rotary.apply(&k.f_transpose(1, 2)?, &step.cos, &step.sin)?.f_transpose(1, 2)?; // (b, t, kvh, d)
+        let (k, v) = match ctx.cache.as_deref_mut() {
+            Some(cache) => cache.append(layer, &k, &v)?,
+            None => (k, v),
+        }; // (b, s, kvh, d)
+        let scale = (head_dim as f64).powf(-0.5);
+        let out = attention(&q, &self.repeat_kv(&k)?, &self.repeat_kv(&v)?, step.mask(self.sliding), scale)?; // (b, nh, t, d)
+        Ok(out.f_transpose(1, 2)?.f_reshape([b, t, heads * head_dim])?)
     }
 
     /// `(b, s, kv_heads, d)` -> `(b, heads, s, d)`: each key/value head serves `heads / kv_heads`
@@ -327,19 +363,26 @@ impl GqaAttention {
 impl SelfAttention for GqaAttention {
     fn forward(&self, layer: usize, x: &Tensor, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
         let _span = tracing::trace_span!("attn", layer).entered();
-        let GqaShape { heads, head_dim, .. } = self.shape;
-        let (b, t) = (step.plan.b, step.plan.t);
-        let (q, k, v) = self.project(x, b, t)?; // (b, t, nh | kvh, d)
-        let q = step.rotary.apply(&q.f_transpose(1, 2)?, &step.cos, &step.sin)?; // (b, nh, t, d)
-        let k = step.rotary.apply(&k.f_transpose(1, 2)?, &step.cos, &step.sin)?.f_transpose(1, 2)?; // (b, t, kvh, d)
-        let (k, v) = match ctx.cache.as_deref_mut() {
-            Some(cache) => cache.append(layer, &k, &v)?,
-            None => (k, v),
-        }; // (b, s, kvh, d)
-        let scale = (head_dim as f64).powf(-0.5);
-        let out = attention(&q, &self.repeat_kv(&k)?, &self.repeat_kv(&v)?, step.mask(self.sliding), scale)?; // (b, nh, t, d)
-        let out = out.f_transpose(1, 2)?.f_reshape([b, t, heads * head_dim])?; // (b, t, nh * d)
+        let qkv = self.project(x, step.plan.b, step.plan.t)?; // (b, t, nh | kvh, d)
+        let out = self.attend(layer, qkv, step, ctx)?;
         self.o_proj.forward(&out).ctx(format!("layers.{layer}.self_attn"))
+    }
+
+    /// At decode sizes on CUDA bf16 (and `ctx.fuse_decode`): the input norm inside the q, k and v
+    /// projections' kernel, the residual add inside `o_proj`'s (`kernels::project`); otherwise
+    /// `x + forward(norm(x))`.
+    fn forward_residual(&self, layer: usize, x: &Tensor, norm: &RmsNorm, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
+        let fused = if ctx.fuse_decode { self.project_fused(x, norm, step.plan.b, step.plan.t)? } else { None };
+        let Some(qkv) = fused else {
+            let a = self.forward(layer, &norm.forward(x)?, step, ctx)?;
+            return Ok(x.f_add(&a)?);
+        };
+        let _span = tracing::trace_span!("attn", layer).entered();
+        let out = self.attend(layer, qkv, step, ctx)?;
+        match project(&Project { x: &out, norm: None, projections: &[self.o_proj.projection()], residual: Some(x) })? {
+            Some(mut y) => Ok(y.pop().expect("one projection")),
+            None => Ok(x.f_add(&self.o_proj.forward(&out).ctx(format!("layers.{layer}.self_attn"))?)?),
+        }
     }
 }
 
