@@ -6,12 +6,14 @@
 //!   three kernels: the routed experts read straight from the stacked weights, optionally the router's
 //!   top-k and the shared expert too, replacing ~30 libtorch kernels;
 //! - [`moe_combine`] and [`swiglu`] (`grouped.rs`): the grouped path for many tokens (prefill);
-//! - [`mla_decode`] (`mla.rs`): DeepSeek-V2's absorbed attention for decode steps in three small kernels,
-//!   with the step's rope, latent norm and cache write;
+//! - [`mla_decode`] (`mla.rs`): DeepSeek-V2's absorbed attention for decode steps in three small kernels
+//!   (one, with a thread block cluster per head, for a single token), with the step's rope, latent norm
+//!   and cache write;
 //! - [`rotary`] (`rotary.rs`): the rotary embedding in one kernel instead of five;
 //! - [`project`] (`gemv.rs`): up to three projections of a few tokens with the RMSNorm before them and
 //!   the residual add after them, in one kernel;
-//! - [`argmax`] (`argmax.rs`): the greedy next token.
+//! - [`argmax`] (`argmax.rs`): the greedy next token;
+//! - [`decode_plan`] (`step_plan.rs`): a decode step's positions, valid keys and attention bias.
 //!
 //! `common.cuh` (bf16 words, dot products, reductions) is prepended to every `.cu` file.
 
@@ -21,6 +23,7 @@ mod gemv;
 mod grouped;
 mod mla;
 mod rotary;
+mod step_plan;
 
 use cuda_graph::jit::{Arg, Function, Kernels};
 use tch::Device;
@@ -36,6 +39,7 @@ pub use gemv::{project, Project, Projection, PROJECT_MAX_TOKENS};
 pub use grouped::{moe_combine, swiglu};
 pub use mla::{mla_decode, MlaDecode, MlaPrep, MLA_DECODE_MAX_QUERIES};
 pub use rotary::rotary;
+pub use step_plan::{decode_plan, DecodePlan};
 
 /// The kernels of `k` for `device`, compiled on first use (a failure is logged once and every later call
 /// reports it, so callers fall back to libtorch).
@@ -45,8 +49,8 @@ pub(crate) fn compiled(k: &'static Kernels, device: Device) -> Result<&'static [
 }
 
 /// Every run-time compiled source as `(file name, source)`, as NVRTC gets it (for compile checks).
-pub fn sources() -> [(&'static str, &'static str); 6] {
-    [&gemv::GEMV, &argmax::ARGMAX, &fused_moe::MOE, &rotary::ROTARY, &mla::MLA, &grouped::GROUPED].map(|k| (k.file(), k.source()))
+pub fn sources() -> [(&'static str, &'static str); 7] {
+    [&gemv::GEMV, &argmax::ARGMAX, &fused_moe::MOE, &rotary::ROTARY, &mla::MLA, &grouped::GROUPED, &step_plan::PLAN].map(|k| (k.file(), k.source()))
 }
 
 pub(crate) fn launch(f: Function, grid: [u32; 3], block: [u32; 3], args: &[Arg<'_>]) -> Result<()> {
@@ -66,7 +70,7 @@ pub(crate) fn launch_shared(f: Function, grid: [u32; 3], block: [u32; 3], shared
 #[allow(unsafe_code)]
 pub(crate) fn launch_dependent(f: Function, grid: [u32; 3], block: [u32; 3], shared: u32, args: &[Arg<'_>]) -> Result<()> {
     // SAFETY (this and `launch_shared`): the callers (`fused_moe`, `rotary`, `mla_decode`, `moe_combine`,
-    // `project`, `argmax`) checked that every tensor is on the kernel's device, of the dtype, shape and
+    // `project`, `argmax`, `decode_plan`) checked that every tensor is on the kernel's device, of the dtype, shape and
     // strides the kernel indexes with (the size arguments passed); `fused_moe`'s ids outside 0..E are
     // skipped by the kernels, and its null pointers are only for tensors the size and mode arguments say
     // are absent; the grids cover exactly the rows, pairs or elements those shapes give, and the kernels

@@ -60,6 +60,7 @@ impl StepPlan {
         if t == 0 {
             return Err(Error::Input("no tokens".into()));
         }
+        let mask_given = mask.is_some();
         let (mask, has_padding) = match mask {
             Some(m) => {
                 if m.size() != size {
@@ -70,6 +71,9 @@ impl StepPlan {
             None => (Tensor::f_ones([b, t], (Kind::Bool, device))?, false),
         };
         let has_padding = has_padding || cache.is_some_and(|c| c.has_padding());
+        if let Some(plan) = Self::one_token(b, t, has_padding, mask_given, cache)? {
+            return Ok(plan);
+        }
         // Where the new tokens go and what they may see: `start` (b) next positions, `key_valid` (b, s),
         // `q_abs` (t, 1) slots of the queries, `k_abs` (1, s) slots of the keys.
         let (past, start, key_valid, q_abs, k_abs) = match (cache, cache.and_then(|c| c.write_slots())) {
@@ -108,6 +112,32 @@ impl StepPlan {
         let bias = additive_bias(&allowed)?;
         let plain_causal = past == 0 && !has_padding && key_valid.size()[1] == t;
         Ok(Self { b, t, past, positions, mask, has_padding, key_valid, bias, next_pos, q_slot: q_abs, k_slot: k_abs, plain_causal })
+    }
+
+    /// A decode step's plan in one kernel (`kernels::decode_plan`): one token per sequence, no padding
+    /// mask given, a preallocated cache on CUDA; `None` otherwise (or when the kernel is unavailable).
+    fn one_token(b: i64, t: i64, has_padding: bool, mask_given: bool, cache: Option<&KvCache>) -> Result<Option<Self>> {
+        let Some(c) = cache.filter(|_| t == 1 && !mask_given) else { return Ok(None) };
+        let (Some(slots), Some((kv, np))) = (c.write_slots(), c.seq_state()) else { return Ok(None) };
+        if kv.size()[0] != b {
+            return Ok(None);
+        }
+        let Some(p) = crate::kernels::decode_plan(kv, np, slots)? else { return Ok(None) };
+        let plain_causal = c.is_empty() && !has_padding && kv.size()[1] == t;
+        Ok(Some(Self {
+            b,
+            t,
+            past: c.len() as i64,
+            positions: p.positions,
+            mask: p.mask,
+            has_padding,
+            key_valid: p.key_valid,
+            bias: p.bias,
+            next_pos: p.next_pos,
+            q_slot: slots.f_unsqueeze(1)?,
+            k_slot: p.k_slot,
+            plain_causal,
+        }))
     }
 
     /// [`StepPlan::bias`] restricted to a sliding window of `window` keys: query slot `i` may also
