@@ -23,6 +23,25 @@
 #define GEMV_CHUNKS 8  // 16-byte loads in flight per lane: rows up to 8 * 256 = 2048 wide in one pass
 #define GEMV_STAGE 4   // staged 16-byte chunks per thread: rows up to 4 * 8 * 128 = 4096 wide
 
+// The projection a warp's global row index `row` falls in (segments 0, 1, 2 of r0, r1, r2 rows in order)
+// and its row there (R when past the last segment's rows); the residual is added to segment 0 only.
+struct Segment {
+  const bf16* W;
+  const bf16* B;
+  bf16* O;
+  int R, row;
+  bool add;
+};
+__device__ __forceinline__ Segment segment(int row, const bf16* w0, const bf16* b0, bf16* o0, int r0, const bf16* w1,
+                                           const bf16* b1, bf16* o1, int r1, const bf16* w2, const bf16* b2, bf16* o2,
+                                           int r2, bool residual) {
+  if (row < r0) return {w0, b0, o0, r0, row, residual};
+  row -= r0;
+  if (row < r1) return {w1, b1, o1, r1, row, false};
+  row -= r1;
+  return {w2, b2, o2, r2, row < r2 ? row : r2, false};
+}
+
 // grid (ceil((R_0 + R_1 + R_2) / GEMV_WARPS)), block 32 * GEMV_WARPS, dynamic shared memory T * H bf16.
 extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, 8)
 gemv_norm(const bf16* __restrict__ x, int T, int H, const bf16* __restrict__ norm_w, float eps,
@@ -33,20 +52,12 @@ gemv_norm(const bf16* __restrict__ x, int T, int H, const bf16* __restrict__ nor
   extern __shared__ __align__(16) bf16 xs[];  // T * H
   __shared__ float red[33];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  int row = blockIdx.x * GEMV_WARPS + warp;
-  const bf16* W = w0;
-  const bf16* B = b0;
-  bf16* O = o0;
-  int R = r0;
-  bool add = res != 0;
-  if (row >= r0) {
-    row -= r0;
-    W = w1, B = b1, O = o1, R = r1, add = false;
-    if (row >= r1) {
-      row -= r1;
-      W = w2, B = b2, O = o2, R = r2;
-    }
-  }
+  const Segment sg = segment(blockIdx.x * GEMV_WARPS + warp, w0, b0, o0, r0, w1, b1, o1, r1, w2, b2, o2, r2, res != 0);
+  const bf16* W = sg.W;
+  const bf16* B = sg.B;
+  bf16* O = sg.O;
+  const int R = sg.R, row = sg.row;
+  const bool add = sg.add;
   const bool active = row < R;  // idle warps still take part in the block's staging
   const bf16* wr = W + (i64)(active ? row : 0) * H;
   // Ask for the row now, into L2 (no registers held: eight 128-thread blocks fit an SM, so the whole grid
@@ -117,20 +128,12 @@ gemv_warp(const bf16* __restrict__ x, int T, int H, const bf16* __restrict__ nor
           const bf16* __restrict__ w2, const bf16* __restrict__ b2, bf16* __restrict__ o2, int r2,
           const bf16* __restrict__ res) {
   const int lane = threadIdx.x & 31;
-  int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-  const bf16* W = w0;
-  const bf16* B = b0;
-  bf16* O = o0;
-  int R = r0;
-  bool add = res != 0;
-  if (row >= r0) {
-    row -= r0;
-    W = w1, B = b1, O = o1, R = r1, add = false;
-    if (row >= r1) {
-      row -= r1;
-      W = w2, B = b2, O = o2, R = r2;
-    }
-  }
+  const Segment sg = segment(blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5), w0, b0, o0, r0, w1, b1, o1, r1, w2, b2, o2, r2, res != 0);
+  const bf16* W = sg.W;
+  const bf16* B = sg.B;
+  bf16* O = sg.O;
+  const int R = sg.R, row = sg.row;
+  const bool add = sg.add;
   if (row >= R) {  // past the last row: release the next kernel like the other warps, then stop
     pdl_wait();
     pdl_release();
