@@ -26,6 +26,25 @@
 // N <= 256, V % 32 == 0, SP <= 32, 16-byte aligned rows.
 
 #define MLA_THREADS 256
+
+// Block-wide sums of NC (<= 32) per-thread partials a[0..NC): warp sums into part[warp][j], then thread j
+// adds the MLA_THREADS / 32 warps' values in warp order (deterministic). All threads call it; the sum of
+// column j is returned to thread j < NC.
+template <int NC>
+__device__ __forceinline__ float block_columns(const float* a, float (*part)[NC]) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < NC; ++j) {
+    const float s = warp_sum(a[j]);
+    if (lane == j) part[warp][j] = s;
+  }
+  __syncthreads();
+  float s = 0.f;
+  if (threadIdx.x < NC)
+#pragma unroll
+    for (int w = 0; w < MLA_THREADS / 32; ++w) s += part[w][threadIdx.x];
+  return s;
+}
 #define MLA_MAX_R 512
 #define MLA_RK (MLA_MAX_R / 256)  // 256-wide chunks of a latent row
 
@@ -257,18 +276,8 @@ mla_out(const float* __restrict__ part_o, const float* __restrict__ part_ml, con
 #pragma unroll
       for (int q = 0; q < 4; ++q) fma8(a + q * 8, ol[r], wv[k][q]);
   }
-#pragma unroll
-  for (int j = 0; j < 32; ++j) {
-    const float s = warp_sum(a[j]);
-    if (lane == j) part[warp][j] = s;
-  }
-  __syncthreads();
-  if (tid < 32) {
-    float s = 0.f;
-#pragma unroll
-    for (int w = 0; w < 8; ++w) s += part[w][tid];
-    out[((i64)bt * NH + h) * V + v0 + tid] = to_bf16(s);
-  }
+  const float s = block_columns<32>(a, part);
+  if (tid < 32) out[((i64)bt * NH + h) * V + v0 + tid] = to_bf16(s);
 }
 
 // ---- One query token in one kernel: a thread block cluster per head ----
@@ -297,10 +306,15 @@ __device__ __forceinline__ unsigned cluster_rank() {
   return r;
 }
 
-// Every thread of every block of the cluster arrives; shared-memory writes before it are visible to
-// the cluster after it (and it is a block barrier too).
+// A cluster barrier in two halves: every thread of every block of the cluster arrives (its shared-memory
+// writes before the arrival are visible to the cluster after the wait), and may work on before it waits.
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+
+// The whole cluster barrier (a block barrier too).
 __device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  cluster_arrive();
+  cluster_wait();
 }
 
 // The f32 at this block's shared address p, read from block `rank` of the cluster.
@@ -487,7 +501,8 @@ mla_cluster(const bf16* __restrict__ q_nope, i64 qs_h, const bf16* __restrict__ 
     for (int r = 0; r < MLA_C; ++r) o += wt[r] * ld_cluster(&po[k * 256 + tid], r);
     ol[k] = o;
   }
-  cluster_sync();  // no block reads another's shared memory after this: blocks may exit
+  // This block has read the cluster's shared memory; it may exit once every block has (the wait at the end).
+  cluster_arrive();
   float a[16];
 #pragma unroll
   for (int j = 0; j < 16; ++j) a[j] = 0.f;
@@ -495,16 +510,7 @@ mla_cluster(const bf16* __restrict__ q_nope, i64 qs_h, const bf16* __restrict__ 
   for (int k = 0; k < 2; ++k)
 #pragma unroll
     for (int q = 0; q < 2; ++q) fma8(a + q * 8, ol[k], wv[k][q]);
-#pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    const float s = warp_sum(a[j]);
-    if (lane == j) outp[warp][j] = s;
-  }
-  __syncthreads();
-  if (tid < 16) {
-    float s = 0.f;
-#pragma unroll
-    for (int w = 0; w < 8; ++w) s += outp[w][tid];
-    out[(i64)h * MLA_CV + c * 16 + tid] = to_bf16(s);
-  }
+  const float s = block_columns<16>(a, outp);
+  if (tid < 16) out[(i64)h * MLA_CV + c * 16 + tid] = to_bf16(s);
+  cluster_wait();
 }
