@@ -32,8 +32,9 @@
 // Top-k routing of one token by one warp (no shared memory, no barriers): softmax of the logits row (E
 // values), the expert of rank s (probability descending, ties to the lower index, as a stable sort) and
 // its mixing weight (the probability, divided by the sum over the K chosen + 1e-20 when renorm, times
-// scale). K rounds of a warp-wide arg-max over the not yet chosen experts. Returns the expert (-1 if
-// none: NaN logits) and writes the weight to *w. All 32 lanes must call it. EPL = experts per lane
+// scale). Rounds of a warp-wide arg-max over the not yet chosen experts: s + 1 of them, or K to
+// renormalise. Returns the expert (-1 if none: NaN logits) and writes the weight to *w. All 32 lanes
+// must call it. EPL = experts per lane
 // (E <= 32 * EPL): the smallest that holds E keeps the ranking short, as it delays every weight load.
 template <int EPL>
 __device__ int warp_route(const float* __restrict__ logits, int E, int K, int s, int renorm, float scale,
@@ -60,7 +61,9 @@ __device__ int warp_route(const float* __restrict__ logits, int E, int K, int s,
   unsigned taken = 0;  // bit q: this lane's expert q * 32 + lane is chosen
   int chosen = -1;
   float chosen_p = 0.f, top = 0.f;
-  for (int round = 0; round < K; ++round) {
+  // Rank s needs s + 1 rounds; the renormalisation needs the sum over all K.
+  const int rounds = renorm ? K : s + 1;
+  for (int round = 0; round < rounds; ++round) {
     float bv = -1.f;
     int bj = 0x7fffffff;
 #pragma unroll
