@@ -292,6 +292,13 @@ impl<A: SelfAttention> Decoder<A> {
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let _span = tracing::trace_span!("lm_head").entered();
+        // One token (a decode step) on CUDA bf16: the projection kernel, a warp per vocabulary row.
+        if hidden.numel() as i64 == self.lm_head.size().get(1).copied().unwrap_or(-1) {
+            let head = [crate::kernels::Projection { weight: &self.lm_head, bias: None }];
+            if let Some(mut y) = crate::kernels::project(&crate::kernels::Project { x: hidden, norm: None, projections: &head, residual: None })? {
+                return Ok(y.pop().expect("one projection"));
+            }
+        }
         hidden.f_linear(&self.lm_head, None::<&Tensor>).ctx("lm_head")
     }
 }
