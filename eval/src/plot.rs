@@ -337,10 +337,13 @@ pub fn save_allocation_bars(stem: &Path, bars: &AllocationBars) -> Result<Vec<Pa
     save_png_svg!(stem, draw_bars, bars)
 }
 
+/// Points per chart (model, task) and per method (series name), in the order pushed.
+type ChartPoints<P> = BTreeMap<(String, String), BTreeMap<String, Vec<P>>>;
+
 /// Build "quality vs budget" charts from records: one chart per (model, task, metric), one series per
 /// method, x = budget fraction, and the `full` method (if present) as the dashed reference.
 pub fn quality_vs_budget(records: &[&Record], metric: &str, y_label: &str) -> Vec<(String, String, LineChart)> {
-    let mut by_chart: BTreeMap<(String, String), BTreeMap<String, Vec<(f64, f64)>>> = BTreeMap::new();
+    let mut by_chart: ChartPoints<(f64, f64)> = BTreeMap::new();
     for r in records.iter().filter(|r| r.status == Status::Ok) {
         let Some(&v) = r.metrics.get(metric) else { continue };
         let x = f64::from(r.budget_total) / f64::from(r.full_budget.max(1));
@@ -385,7 +388,7 @@ pub fn quality_vs_speed(records: &[&Record], metric: &str, speed: &str, y_label:
             speeds.insert((r.key.model.clone(), r.key.method.clone(), r.key.budget.clone()), s);
         }
     }
-    let mut by_chart: BTreeMap<(String, String), BTreeMap<String, Vec<(f64, f64, f64)>>> = BTreeMap::new();
+    let mut by_chart: ChartPoints<(f64, f64, f64)> = BTreeMap::new();
     for r in records.iter().filter(|r| r.status == Status::Ok) {
         let (Some(&v), Some(&s)) = (
             r.metrics.get(metric),

@@ -26,7 +26,7 @@ fn write_text(dir: &Path) -> PathBuf {
     // The fixture's tokenizer maps printable ASCII characters one to one.
     let text: String = (0..4000).map(|i| char::from(b'a' + ((i * 7 + i / 13) % 26) as u8)).collect();
     let p = dir.join("text.txt");
-    std::fs::write(&p, text).unwrap();
+    std::fs::write(&p, text).expect("write the text fixture");
     p
 }
 
