@@ -41,7 +41,7 @@ use tch::Tensor;
 use crate::ctx::{ForwardCtx, MlaPath};
 use crate::error::{Error, Result, TorchContext};
 use crate::layers::attention::{attention, AttnMask};
-use crate::layers::decoder::{family_info, CommonConfig, Decoder, Ffn, Loaded, SelfAttention, StackSpec, Step};
+use crate::layers::decoder::{family_info, residual_unfused, CommonConfig, Decoder, Ffn, Loaded, SelfAttention, StackSpec, Step};
 use crate::layers::mlp::Mlp;
 use crate::layers::moe::{check_top_k, MixingTable, MoeBlock, TopkMethod, SWIGLU_NAMES};
 use crate::layers::rotary::{yarn_mscale, RopeSpec, RopeStyle, Rotary};
@@ -458,16 +458,9 @@ impl SelfAttention for Attention {
     /// `x + forward(norm(x))`.
     fn forward_residual(&self, layer: usize, x: &Tensor, norm: &RmsNorm, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
         let fused = if ctx.fuse_decode { self.project_inputs_fused(x, norm)? } else { None };
-        let Some((q, ckv)) = fused else {
-            let a = self.forward(layer, &norm.forward(x)?, step, ctx)?;
-            return Ok(x.f_add(&a)?);
-        };
+        let Some((q, ckv)) = fused else { return residual_unfused(self, layer, x, norm, step, ctx) };
         let out = self.attend(layer, q, ckv, step, ctx)?;
-        let o = self.o_proj.projection();
-        match project(&Project { x: &out, norm: None, projections: &[o], residual: Some(x) })? {
-            Some(mut y) => Ok(y.pop().expect("one projection")),
-            None => Ok(x.f_add(&self.o_proj.forward(&out).ctx(format!("layers.{layer}.self_attn"))?)?),
-        }
+        self.o_proj.forward_add(&out, x).ctx(format!("layers.{layer}.self_attn"))
     }
 }
 

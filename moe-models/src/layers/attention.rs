@@ -5,7 +5,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::decoder::{SelfAttention, Step};
+use super::decoder::{residual_unfused, SelfAttention, Step};
 use super::qk_norm::{self, QkNorm, QkNormScope};
 use super::{Linear, RmsNorm};
 use crate::cache::KvCache;
@@ -403,16 +403,10 @@ impl SelfAttention for GqaAttention {
     /// `x + forward(norm(x))`.
     fn forward_residual(&self, layer: usize, x: &Tensor, norm: &RmsNorm, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
         let fused = if ctx.fuse_decode { self.project_fused(x, norm, step.plan.b, step.plan.t)? } else { None };
-        let Some(qkv) = fused else {
-            let a = self.forward(layer, &norm.forward(x)?, step, ctx)?;
-            return Ok(x.f_add(&a)?);
-        };
+        let Some(qkv) = fused else { return residual_unfused(self, layer, x, norm, step, ctx) };
         let _span = tracing::trace_span!("attn", layer).entered();
         let out = self.attend(layer, qkv, step, ctx)?;
-        match project(&Project { x: &out, norm: None, projections: &[self.o_proj.projection()], residual: Some(x) })? {
-            Some(mut y) => Ok(y.pop().expect("one projection")),
-            None => Ok(x.f_add(&self.o_proj.forward(&out).ctx(format!("layers.{layer}.self_attn"))?)?),
-        }
+        self.o_proj.forward_add(&out, x).ctx(format!("layers.{layer}.self_attn"))
     }
 }
 

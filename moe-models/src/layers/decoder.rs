@@ -62,9 +62,22 @@ pub trait SelfAttention {
     /// The decoder's attention half: `x + forward(norm(x))` for the residual stream `x` `(b, t, h)`. A
     /// family overrides it to fold the norm and the add into its decode kernels.
     fn forward_residual(&self, layer: usize, x: &Tensor, norm: &RmsNorm, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
-        let a = self.forward(layer, &norm.forward(x)?, step, ctx)?;
-        Ok(x.f_add(&a)?)
+        residual_unfused(self, layer, x, norm, step, ctx)
     }
+}
+
+/// [`SelfAttention::forward_residual`] as separate ops, `x + attn.forward(norm(x))`: the trait's default,
+/// and an override's path where its kernels do not apply.
+pub fn residual_unfused<A: SelfAttention + ?Sized>(
+    attn: &A,
+    layer: usize,
+    x: &Tensor,
+    norm: &RmsNorm,
+    step: &Step<'_>,
+    ctx: &mut ForwardCtx<'_>,
+) -> Result<Tensor> {
+    let a = attn.forward(layer, &norm.forward(x)?, step, ctx)?;
+    Ok(x.f_add(&a)?)
 }
 
 /// A layer's feed-forward block.

@@ -42,6 +42,16 @@ impl Linear {
     pub fn projection(&self) -> crate::kernels::Projection<'_> {
         crate::kernels::Projection { weight: &self.weight, bias: self.bias.as_ref() }
     }
+
+    /// `residual + forward(x)`: in one kernel where [`crate::kernels::project`] applies (decode sizes on
+    /// CUDA bf16), else a linear and an add.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let p = crate::kernels::Project { x, norm: None, projections: &[self.projection()], residual: Some(residual) };
+        match crate::kernels::project(&p)? {
+            Some(mut y) => Ok(y.pop().expect("one projection")),
+            None => residual.f_add(&self.forward(x)?).ctx("residual add"),
+        }
+    }
 }
 
 /// Root-mean-square layer norm, computed in f32 and cast back before the weight, as transformers does.
