@@ -1,0 +1,92 @@
+# Microbenchmark of the one-token projection kernels at DeepSeek-V2-Lite sizes (H = 2048, T = 1), on the GPU
+# machine (needs CuPy): python3 scripts/microbench/gemv.py .
+# Each kernel is launched through cuLaunchKernelEx (with programmatic stream serialisation when PDL), N
+# launches captured in a CUDA graph cycling over 8 weight copies (more than L2), alone or each after a
+# 92 MB read (PAIR: a proxy for the MoE kernels around a projection; subtract "read_rows 92 MB alone").
+# gemv_norm is gemv.cu's; gemv_variants.cu has a bare read of the rows and the variants measured in
+# session 5 (docs/speed-notes.md), from which gemv_warp was made.
+import cupy as cp, numpy as np, sys, os
+root = sys.argv[1]
+common = open(f"{root}/moe-models/src/kernels/common.cuh").read()
+src = common + open(f"{root}/moe-models/src/kernels/gemv.cu").read() + open(f"{root}/scripts/microbench/gemv_variants.cu").read()
+mod = cp.RawModule(code=src, options=("-arch=sm_90", "-std=c++17"), name_expressions=None)
+H = 2048
+def bf16(a): return (cp.asarray(a, dtype=cp.float32).view(cp.uint32) >> 16).astype(cp.uint16)
+def f32(b): return (b.astype(cp.uint32) << 16).view(cp.float32)
+NC = 8
+x = bf16(cp.random.randn(H))
+nw = bf16(1 + 0.1 * cp.random.randn(H))
+s = cp.cuda.Stream(non_blocking=True)
+import ctypes
+cuda = ctypes.CDLL("libcuda.so.1")
+class Attr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("val", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+class Cfg(ctypes.Structure):
+    _fields_ = [("gx", ctypes.c_uint), ("gy", ctypes.c_uint), ("gz", ctypes.c_uint), ("bx", ctypes.c_uint), ("by", ctypes.c_uint), ("bz", ctypes.c_uint),
+                ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(Attr)), ("n", ctypes.c_uint)]
+PDL = True
+def launch(fn, grid, block, args, smem=0):
+    vals = []
+    for a in args:
+        if isinstance(a, cp.ndarray): vals.append(ctypes.c_uint64(a.data.ptr))
+        elif isinstance(a, cp.int32): vals.append(ctypes.c_int32(int(a)))
+        elif isinstance(a, cp.float32): vals.append(ctypes.c_float(float(a)))
+        elif isinstance(a, cp.uint64): vals.append(ctypes.c_uint64(int(a)))
+        else: raise TypeError(type(a))
+    ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
+    at = Attr(); at.id = 6; at.val = 1
+    cfg = Cfg(grid[0], 1, 1, block[0], 1, 1, smem, ctypes.c_void_p(s.ptr), ctypes.pointer(at), 1 if PDL else 0)
+    r = cuda.cuLaunchKernelEx(ctypes.byref(cfg), ctypes.c_void_p(fn.kernel.ptr), ptrs, None)
+    assert r == 0, r
+BIG = bf16(cp.random.randn(5632, 2048 * 4))  # 92 MB streamed between projections (a proxy for the MoE kernels)
+NBIG = 5632 * 4
+fo_big = cp.zeros(NBIG, cp.float32)
+PAIR = False
+def launch_rr(i):
+    launch(mod.get_function("read_rows"), ((NBIG + 3) // 4,), (128,), (BIG, cp.int32(NBIG), cp.int32(2048), fo_big))
+def timeit(launch, n=200):
+    with s:
+        launch(0)  # warm
+        s.synchronize()
+        s.begin_capture()
+        for i in range(n):
+            if PAIR: launch_rr(i)
+            launch(i)
+        g = s.end_capture()
+        g.launch(stream=s); s.synchronize()
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        best = 1e9
+        for _ in range(5):
+            e0.record(s); g.launch(stream=s); e1.record(s); e1.synchronize()
+            best = min(best, cp.cuda.get_elapsed_time(e0, e1) * 1000 / n)
+    return best
+import itertools
+for PDL, PAIR, R in itertools.product((False, True), (False, True), (3648, 2048)):
+    print(f"== PDL {PDL} PAIR {PAIR}")
+    if PAIR:
+        t = timeit(lambda i: None); print(f"   read_rows 92 MB alone: {t:.2f} us")
+    Ws = [bf16(0.02 * cp.random.randn(R, H)) for _ in range(NC)]
+    res = bf16(cp.random.randn(R)); out = cp.zeros(R, cp.uint16); o2 = cp.zeros(R, cp.uint16)
+    fo = cp.zeros(R, cp.float32)
+    k0 = mod.get_function("gemv_norm")
+    z = cp.uint64(0)
+    def base(i, W=None):
+        W = Ws[i % NC] if W is None else W
+        launch(k0, ((R + 3) // 4,), (128,), (x, cp.int32(1), cp.int32(H), nw, cp.float32(1e-6), W, z, out, cp.int32(R), z, z, z, cp.int32(0), z, z, z, cp.int32(0), res), smem=H * 2)
+    t = timeit(base); gb = R * H * 2 / 1e9
+    print(f"R={R} ({gb*1000:.1f} MB): gemv_norm {t:.2f} us ({gb/t*1e6/1000:.2f} TB/s)")
+    rr = mod.get_function("read_rows")
+    t = timeit(lambda i: launch(rr, ((R + 3) // 4,), (128,), (Ws[i % NC], cp.int32(R), cp.int32(H), fo)))
+    print(f"   read_rows {t:.2f} us ({gb/t*1e6/1000:.2f} TB/s)")
+    base(0, Ws[0]); s.synchronize(); ref = f32(out).copy()
+    for name in ("gv_n0_r1", "gv_n1_r1", "gv_n2_r1", "gv_n0_r2", "gv_n1_r2", "gv_n2_r2", "gv_n1_r1_b8", "gv_n2_r1_b8"):
+        k = mod.get_function(name)
+        rpw = 2 if "_r2" in name else 1
+        nb = (R + 4 * rpw - 1) // (4 * rpw)
+        def go(i, W=None):
+            W = Ws[i % NC] if W is None else W
+            launch(k, (nb,), (128,), (x, cp.int32(H), nw, cp.float32(1e-6), W, o2, cp.int32(R), res))
+        t = timeit(go)
+        go(0, Ws[0]); s.synchronize()
+        err = float(cp.abs(f32(o2) - ref).max()); mag = float(cp.abs(ref).max())
+        print(f"   {name}: {t:.2f} us ({gb/t*1e6/1000:.2f} TB/s) maxdiff {err:.3g} of {mag:.3g}, regs {k.num_regs}")
