@@ -60,7 +60,11 @@ impl StepPlan {
         if t == 0 {
             return Err(Error::Input("no tokens".into()));
         }
-        let mask_given = mask.is_some();
+        if mask.is_none() {
+            if let Some(plan) = Self::one_token(b, t, cache)? {
+                return Ok(plan);
+            }
+        }
         let (mask, has_padding) = match mask {
             Some(m) => {
                 if m.size() != size {
@@ -71,9 +75,6 @@ impl StepPlan {
             None => (Tensor::f_ones([b, t], (Kind::Bool, device))?, false),
         };
         let has_padding = has_padding || cache.is_some_and(|c| c.has_padding());
-        if let Some(plan) = Self::one_token(b, t, has_padding, mask_given, cache)? {
-            return Ok(plan);
-        }
         // Where the new tokens go and what they may see: `start` (b) next positions, `key_valid` (b, s),
         // `q_abs` (t, 1) slots of the queries, `k_abs` (1, s) slots of the keys.
         let (past, start, key_valid, q_abs, k_abs) = match (cache, cache.and_then(|c| c.write_slots())) {
@@ -114,15 +115,17 @@ impl StepPlan {
         Ok(Self { b, t, past, positions, mask, has_padding, key_valid, bias, next_pos, q_slot: q_abs, k_slot: k_abs, plain_causal })
     }
 
-    /// A decode step's plan in one kernel (`kernels::decode_plan`): one token per sequence, no padding
-    /// mask given, a preallocated cache on CUDA; `None` otherwise (or when the kernel is unavailable).
-    fn one_token(b: i64, t: i64, has_padding: bool, mask_given: bool, cache: Option<&KvCache>) -> Result<Option<Self>> {
-        let Some(c) = cache.filter(|_| t == 1 && !mask_given) else { return Ok(None) };
+    /// A decode step's plan in one kernel (`kernels::decode_plan`), for a call without a padding mask:
+    /// one token per sequence and a preallocated cache on CUDA; `None` otherwise (or when the kernel is
+    /// unavailable). Called before the general plan builds anything, so a step runs no kernel twice.
+    fn one_token(b: i64, t: i64, cache: Option<&KvCache>) -> Result<Option<Self>> {
+        let Some(c) = cache.filter(|_| t == 1) else { return Ok(None) };
         let (Some(slots), Some((kv, np))) = (c.write_slots(), c.seq_state()) else { return Ok(None) };
         if kv.size()[0] != b {
             return Ok(None);
         }
         let Some(p) = crate::kernels::decode_plan(kv, np, slots)? else { return Ok(None) };
+        let has_padding = c.has_padding();
         let plain_causal = c.is_empty() && !has_padding && kv.size()[1] == t;
         Ok(Some(Self {
             b,
