@@ -4,63 +4,36 @@
 # launches captured in a CUDA graph cycling over 8 weight copies (more than L2), alone or each after a
 # 92 MB read (PAIR: a proxy for the MoE kernels around a projection; subtract "read_rows 92 MB alone").
 # gemv_norm is gemv.cu's; gemv_variants.cu has a bare read of the rows and the variants measured in
-# session 5 (docs/speed-notes.md), from which gemv_warp was made.
-import cupy as cp, numpy as np, sys, os
+# session 5 (docs/speed-notes.md), from which gemv_warp was made. Launch and timing helpers: harness.py.
+import itertools
+import sys
+
+import cupy as cp
+
+import harness
+from harness import bf16, f32
+
 root = sys.argv[1]
-common = open(f"{root}/moe-models/src/kernels/common.cuh").read()
-src = common + open(f"{root}/moe-models/src/kernels/gemv.cu").read() + open(f"{root}/scripts/microbench/gemv_variants.cu").read()
-mod = cp.RawModule(code=src, options=("-arch=sm_90", "-std=c++17"), name_expressions=None)
+mod = harness.compile_module(root, ["moe-models/src/kernels/common.cuh", "moe-models/src/kernels/gemv.cu", "scripts/microbench/gemv_variants.cu"])
 H = 2048
-def bf16(a): return (cp.asarray(a, dtype=cp.float32).view(cp.uint32) >> 16).astype(cp.uint16)
-def f32(b): return (b.astype(cp.uint32) << 16).view(cp.float32)
 NC = 8
 x = bf16(cp.random.randn(H))
 nw = bf16(1 + 0.1 * cp.random.randn(H))
 s = cp.cuda.Stream(non_blocking=True)
-import ctypes
-cuda = ctypes.CDLL("libcuda.so.1")
-class Attr(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("val", ctypes.c_int), ("rest", ctypes.c_char * 60)]
-class Cfg(ctypes.Structure):
-    _fields_ = [("gx", ctypes.c_uint), ("gy", ctypes.c_uint), ("gz", ctypes.c_uint), ("bx", ctypes.c_uint), ("by", ctypes.c_uint), ("bz", ctypes.c_uint),
-                ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(Attr)), ("n", ctypes.c_uint)]
-PDL = True
+PDL = True  # set by the loop below
+PAIR = False
 def launch(fn, grid, block, args, smem=0):
-    vals = []
-    for a in args:
-        if isinstance(a, cp.ndarray): vals.append(ctypes.c_uint64(a.data.ptr))
-        elif isinstance(a, cp.int32): vals.append(ctypes.c_int32(int(a)))
-        elif isinstance(a, cp.float32): vals.append(ctypes.c_float(float(a)))
-        elif isinstance(a, cp.uint64): vals.append(ctypes.c_uint64(int(a)))
-        else: raise TypeError(type(a))
-    ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
-    at = Attr(); at.id = 6; at.val = 1
-    cfg = Cfg(grid[0], 1, 1, block[0], 1, 1, smem, ctypes.c_void_p(s.ptr), ctypes.pointer(at), 1 if PDL else 0)
-    r = cuda.cuLaunchKernelEx(ctypes.byref(cfg), ctypes.c_void_p(fn.kernel.ptr), ptrs, None)
-    assert r == 0, r
+    harness.launch(s, fn, grid, block, args, smem, pdl=PDL)
 BIG = bf16(cp.random.randn(5632, 2048 * 4))  # 92 MB streamed between projections (a proxy for the MoE kernels)
 NBIG = 5632 * 4
 fo_big = cp.zeros(NBIG, cp.float32)
-PAIR = False
 def launch_rr(i):
     launch(mod.get_function("read_rows"), ((NBIG + 3) // 4,), (128,), (BIG, cp.int32(NBIG), cp.int32(2048), fo_big))
-def timeit(launch, n=200):
-    with s:
-        launch(0)  # warm
-        s.synchronize()
-        s.begin_capture()
-        for i in range(n):
-            if PAIR: launch_rr(i)
-            launch(i)
-        g = s.end_capture()
-        g.launch(stream=s); s.synchronize()
-        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-        best = 1e9
-        for _ in range(5):
-            e0.record(s); g.launch(stream=s); e1.record(s); e1.synchronize()
-            best = min(best, cp.cuda.get_elapsed_time(e0, e1) * 1000 / n)
-    return best
-import itertools
+def timeit(body, n=200):
+    def step(i):
+        if PAIR: launch_rr(i)
+        body(i)
+    return harness.timeit(s, step, n)
 for PDL, PAIR, R in itertools.product((False, True), (False, True), (3648, 2048)):
     print(f"== PDL {PDL} PAIR {PAIR}")
     if PAIR:

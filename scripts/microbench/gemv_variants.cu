@@ -1,7 +1,7 @@
 // Variants of the one-token projection measured by gemv.py (H = 2048, T = 1): a bare read of the rows, and
-// warp-private projections (every warp normalises the input itself) with or without the norm (NORM: 0
-// none, 1 transformers' rounding in software, 2 applied to the f32 sum), rows per warp, and the first
-// row's weights loaded before the wait or after the input. gemv.cu's gemv_warp came out of these.
+// warp-private projections (every warp normalises the input itself, its rows' weights loaded before the
+// wait) with or without the norm (NORM: 0 none, 1 transformers' rounding in software, 2 applied to the f32
+// sum) and one or two rows per warp. gemv.cu's gemv_warp came out of these.
 
 // Pure read of R rows of H bf16: one warp per row, 16 B per lane per chunk, all 8 chunks in flight.
 extern "C" __global__ void __launch_bounds__(128) read_rows(const bf16* __restrict__ W, int R, int H, float* out) {
@@ -18,82 +18,6 @@ extern "C" __global__ void __launch_bounds__(128) read_rows(const bf16* __restri
 #pragma unroll
   for (int k = 0; k < 8; ++k) s ^= wv[k].x ^ wv[k].y ^ wv[k].z ^ wv[k].w;
   if (s == 0x12345678u) out[row] = 1.f;
-}
-
-// Warp-private projection: every warp normalises x itself (lane l holds columns k*256 + l*8 .. + 8),
-// no shared memory, no block barrier; its first row's weights are loaded before the wait.
-// RPW rows per warp (grid-stride), next row's load issued before the current row's dot when DB.
-template <int DB>
-__device__ __forceinline__ void gemv_wp_impl(const bf16* __restrict__ x, int H, const bf16* __restrict__ norm_w, float eps,
-                                             const bf16* __restrict__ W, bf16* __restrict__ out, int R,
-                                             const bf16* __restrict__ res, int early) {
-  const int lane = threadIdx.x & 31;
-  const int nw = gridDim.x * (blockDim.x >> 5);
-  int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  uint4 wv[8];
-  if (early && row < R) {
-#pragma unroll
-    for (int k = 0; k < 8; ++k) wv[k] = *reinterpret_cast<const uint4*>(W + (i64)row * H + k * 256 + lane * 8);
-  }
-  pdl_wait();
-  pdl_release();
-  uint4 xv[8];
-#pragma unroll
-  for (int k = 0; k < 8; ++k) xv[k] = *reinterpret_cast<const uint4*>(x + k * 256 + lane * 8);
-  if (norm_w != 0) {
-    float ss = 0.f;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const unsigned* w = reinterpret_cast<const unsigned*>(&xv[k]);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) ss += lo(w[q]) * lo(w[q]) + hi(w[q]) * hi(w[q]);
-    }
-    const float r = rsqrtf(warp_sum(ss) / H + eps);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const uint4 nv = *reinterpret_cast<const uint4*>(norm_w + k * 256 + lane * 8);
-      unsigned* w = reinterpret_cast<unsigned*>(&xv[k]);
-      const unsigned* n = reinterpret_cast<const unsigned*>(&nv);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const unsigned a = to_bf16(lo(n[q]) * bf(to_bf16(lo(w[q]) * r)));
-        const unsigned b = to_bf16(hi(n[q]) * bf(to_bf16(hi(w[q]) * r)));
-        w[q] = a | (b << 16);
-      }
-    }
-  }
-  if (!early && row < R) {
-#pragma unroll
-    for (int k = 0; k < 8; ++k) wv[k] = *reinterpret_cast<const uint4*>(W + (i64)row * H + k * 256 + lane * 8);
-  }
-  for (; row < R; row += nw) {
-    uint4 nx[8];
-    const int next = row + nw;
-    if (DB && next < R) {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) nx[k] = *reinterpret_cast<const uint4*>(W + (i64)next * H + k * 256 + lane * 8);
-    }
-    float acc = 0.f;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) acc += dot8(wv[k], xv[k]);
-    acc = warp_sum(acc);
-    if (lane == 0) out[row] = to_bf16(acc + (res != 0 ? bf(res[row]) : 0.f));
-    if (next < R) {
-      if (DB) {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) wv[k] = nx[k];
-      } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) wv[k] = *reinterpret_cast<const uint4*>(W + (i64)next * H + k * 256 + lane * 8);
-      }
-    }
-  }
-}
-extern "C" __global__ void __launch_bounds__(128) gemv_wp(const bf16* x, int H, const bf16* norm_w, float eps, const bf16* W, bf16* out, int R, const bf16* res, int early) {
-  gemv_wp_impl<0>(x, H, norm_w, eps, W, out, R, res, early);
-}
-extern "C" __global__ void __launch_bounds__(128) gemv_wp_db(const bf16* x, int H, const bf16* norm_w, float eps, const bf16* W, bf16* out, int R, const bf16* res, int early) {
-  gemv_wp_impl<1>(x, H, norm_w, eps, W, out, R, res, early);
 }
 
 // NORM: 0 none, 1 per-warp transformers rounding (norm_w loaded before the wait), 2 algebraic (acc = sum w*n*x, times r at the end).

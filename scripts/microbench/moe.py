@@ -2,48 +2,25 @@
 # the GPU machine (needs CuPy): python3 scripts/microbench/moe.py . [variants]
 # Launched through cuLaunchKernelEx with programmatic stream serialisation, 100 launches per CUDA graph,
 # a different expert choice per launch and 4 copies of the shared expert (so weights come from DRAM).
-# With a second argument it also compiles moe_variants.cu and runs the lines of moe_variants.py.
-import cupy as cp, numpy as np, sys, ctypes, itertools
+# With a second argument it also compiles moe_variants.cu and runs the lines of moe_variants.py. The launch and
+# timing helpers are in harness.py.
+import sys
+
+import cupy as cp
+import numpy as np
+
+import harness
+from harness import bf16
+
 root = sys.argv[1]
-src = open(f"{root}/moe-models/src/kernels/common.cuh").read() + open(f"{root}/moe-models/src/kernels/moe_decode.cu").read()
-extra = open(f"{root}/scripts/microbench/moe_variants.cu").read() if len(sys.argv) > 2 else ""
-mod = cp.RawModule(code=src + extra, options=("-arch=sm_90", "-std=c++17"))
-cuda = ctypes.CDLL("libcuda.so.1")
-class Attr(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("val", ctypes.c_int), ("rest", ctypes.c_char * 60)]
-class Cfg(ctypes.Structure):
-    _fields_ = [("gx", ctypes.c_uint), ("gy", ctypes.c_uint), ("gz", ctypes.c_uint), ("bx", ctypes.c_uint), ("by", ctypes.c_uint), ("bz", ctypes.c_uint),
-                ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(Attr)), ("n", ctypes.c_uint)]
+files = ["moe-models/src/kernels/common.cuh", "moe-models/src/kernels/moe_decode.cu"]
+extra = len(sys.argv) > 2
+mod = harness.compile_module(root, files + (["scripts/microbench/moe_variants.cu"] if extra else []))
 s = cp.cuda.Stream(non_blocking=True)
 def launch(name, grid, block, args, smem=0):
-    fn = mod.get_function(name)
-    vals = []
-    for a in args:
-        if isinstance(a, cp.ndarray): vals.append(ctypes.c_uint64(a.data.ptr))
-        elif isinstance(a, np.int32): vals.append(ctypes.c_int32(int(a)))
-        elif isinstance(a, np.float32): vals.append(ctypes.c_float(float(a)))
-        elif isinstance(a, np.uint64): vals.append(ctypes.c_uint64(int(a)))
-        else: raise TypeError(type(a))
-    ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
-    at = Attr(); at.id = 6; at.val = 1
-    g = tuple(grid) + (1,) * (3 - len(grid))
-    cfg = Cfg(g[0], g[1], g[2], block, 1, 1, smem, ctypes.c_void_p(s.ptr), ctypes.pointer(at), 1)
-    r = cuda.cuLaunchKernelEx(ctypes.byref(cfg), ctypes.c_void_p(fn.kernel.ptr), ptrs, None)
-    assert r == 0, r
+    harness.launch(s, mod.get_function(name), grid, block, args, smem)
 def timeit(body, n=100):
-    with s:
-        body(0); s.synchronize()
-        s.begin_capture()
-        for i in range(n): body(i)
-        g = s.end_capture()
-        g.launch(stream=s); s.synchronize()
-        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-        best = 1e9
-        for _ in range(5):
-            e0.record(s); g.launch(stream=s); e1.record(s); e1.synchronize()
-            best = min(best, cp.cuda.get_elapsed_time(e0, e1) * 1000 / n)
-    return best
-def bf16(a): return (cp.asarray(a, dtype=cp.float32).view(cp.uint32) >> 16).astype(cp.uint16)
+    return harness.timeit(s, body, n)
 H, I, E, W, Is = 2048, 1408, 64, 6, 2816
 i32, f32, z = np.int32, np.float32, np.uint64(0)
 w_gu = cp.empty((E, 2 * I, H), cp.uint16); w_gu[...] = bf16(0.02 * cp.random.randn(2 * I, H))[None]  # values only matter for NaN-free
