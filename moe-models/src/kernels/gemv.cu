@@ -119,16 +119,15 @@ gemv_norm(const bf16* __restrict__ x, int T, int H, const bf16* __restrict__ nor
 // which round as transformers does (bf16 after the normalisation, bf16 after the weight). Measured on an
 // H200 between 92 MB reads (a proxy for the MoE kernels around it), DeepSeek-V2-Lite's q + kv_a
 // projections (15 MB) cost 15 us as gemv_norm and ~7 us as this kernel.
-// grid (ceil((R_0 + R_1 + R_2) / GEMV_WARPS)), block 32 * GEMV_WARPS, no dynamic shared memory; the
-// arguments of gemv_norm (T must be 1).
-extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)
-gemv_warp(const bf16* __restrict__ x, int T, int H, const bf16* __restrict__ norm_w, float eps,
-          const bf16* __restrict__ w0, const bf16* __restrict__ b0, bf16* __restrict__ o0, int r0,
-          const bf16* __restrict__ w1, const bf16* __restrict__ b1, bf16* __restrict__ o1, int r1,
-          const bf16* __restrict__ w2, const bf16* __restrict__ b2, bf16* __restrict__ o2, int r2,
-          const bf16* __restrict__ res) {
-  const int lane = threadIdx.x & 31;
-  const Segment sg = segment(blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5), w0, b0, o0, r0, w1, b1, o1, r1, w2, b2, o2, r2, res != 0);
+// NORM: normalise the input (norm_w given). The two are separate kernels because the norm costs registers
+// (146 a thread against ~70 without it): the kernel without the norm (o_proj, the LM head) then fits
+// more blocks beside the kernel before it, whose run its row loads overlap, while the normalising one
+// (the input projections, after the MoE block's bandwidth-bound down projection) fits fewer, which
+// measured faster there: more of its early loads competed with the down projection's (V2-Lite decode on
+// an H200, 1.877 -> 1.906 ms a token with the input projections at 68 registers).
+template <bool NORM>
+__device__ __forceinline__ void gemv_warp_impl(const bf16* __restrict__ x, int H, const bf16* __restrict__ norm_w, float eps,
+                                               const bf16* __restrict__ res, const Segment& sg, int lane) {
   const bf16* W = sg.W;
   const bf16* B = sg.B;
   bf16* O = sg.O;
@@ -147,10 +146,27 @@ gemv_warp(const bf16* __restrict__ x, int T, int H, const bf16* __restrict__ nor
   const float extra = bias + (lane == 0 && add ? bf(res[row]) : 0.f);
   uint4 xv[GEMV_WARP_CHUNKS];
   warp_load_row<GEMV_WARP_CHUNKS>(xv, x, H, lane);
-  if (norm_w != 0) warp_norm_row<GEMV_WARP_CHUNKS>(xv, norm_w, eps, H, lane);
+  if constexpr (NORM) warp_norm_row<GEMV_WARP_CHUNKS>(xv, norm_w, eps, H, lane);
   float acc = 0.f;
 #pragma unroll
   for (int k = 0; k < GEMV_WARP_CHUNKS; ++k) acc += dot8(wv[k], xv[k]);
   acc = warp_sum(acc);
   if (lane == 0) O[row] = to_bf16(acc + extra);
 }
+
+// grid (ceil((R_0 + R_1 + R_2) / GEMV_WARPS)), block 32 * GEMV_WARPS, no dynamic shared memory; the
+// arguments of gemv_norm (T must be 1). gemv_warp_norm normalises the input (norm_w given), gemv_warp
+// does not (norm_w ignored).
+#define GEMV_WARP(NAME, NORM)                                                                                 \
+  extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                            \
+  NAME(const bf16* __restrict__ x, int T, int H, const bf16* __restrict__ norm_w, float eps,               \
+       const bf16* __restrict__ w0, const bf16* __restrict__ b0, bf16* __restrict__ o0, int r0,            \
+       const bf16* __restrict__ w1, const bf16* __restrict__ b1, bf16* __restrict__ o1, int r1,            \
+       const bf16* __restrict__ w2, const bf16* __restrict__ b2, bf16* __restrict__ o2, int r2,            \
+       const bf16* __restrict__ res) {                                                                      \
+    const Segment sg = segment(blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5), w0, b0, o0, r0, w1, b1, o1, r1, \
+                               w2, b2, o2, r2, res != 0);                                                   \
+    gemv_warp_impl<NORM>(x, H, norm_w, eps, res, sg, threadIdx.x & 31);                                    \
+  }
+GEMV_WARP(gemv_warp, false)
+GEMV_WARP(gemv_warp_norm, true)

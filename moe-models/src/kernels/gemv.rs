@@ -8,8 +8,8 @@ use super::{compiled, launch_dependent};
 use crate::error::Result;
 
 const GEMV_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("gemv.cu"));
-/// `[gemv_norm, gemv_warp]`.
-pub(super) static GEMV: Kernels = Kernels::new("gemv.cu", GEMV_SOURCE, &["gemv_norm", "gemv_warp"]);
+/// `[gemv_norm, gemv_warp, gemv_warp_norm]`.
+pub(super) static GEMV: Kernels = Kernels::new("gemv.cu", GEMV_SOURCE, &["gemv_norm", "gemv_warp", "gemv_warp_norm"]);
 
 /// The most tokens [`project`] takes (`GEMV_MAX_T` in `gemv.cu`).
 pub const PROJECT_MAX_TOKENS: i64 = 8;
@@ -112,9 +112,10 @@ pub fn project(p: &Project<'_>) -> Result<Option<Vec<Tensor>>> {
     let grid = [(rows as u32).div_ceil(WARPS as u32), 1, 1];
     let block = [32 * WARPS as u32, 1, 1];
     // One token of a width a lane's registers hold: each warp keeps its row in registers and normalises
-    // the input itself (no staging); else the input is staged in shared memory once per block.
+    // the input itself (no staging), in its own kernel when there is a norm; else the input is staged in
+    // shared memory once per block.
     if t == 1 && h <= WARP_MAX_WIDTH {
-        launch_dependent(k[1], grid, block, 0, &args)?;
+        launch_dependent(if p.norm.is_some() { k[2] } else { k[1] }, grid, block, 0, &args)?;
     } else {
         launch_dependent(k[0], grid, block, (t * h * 2) as u32, &args)?;
     }

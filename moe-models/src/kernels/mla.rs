@@ -116,7 +116,7 @@ pub fn mla_decode(a: &MlaDecode<'_>) -> Result<Option<Tensor>> {
     // Slot splits of about 16 slots (flash-decoding), at most 32 (mla_out merges them in one warp).
     let splits = ((s + 15) / 16).clamp(1, 32);
     let per = (s + splits - 1) / splits;
-    let part_shared = (rank + rope + 2048 + per + 64) * 4;
+    let part_shared = (rank + rope + 2048 + per) * 4;
     // Rows are read 16 bytes at a time.
     let aligned = |x: &Tensor, strides: &[i64]| x.data_ptr() as usize % 16 == 0 && strides.iter().all(|st| st % 8 == 0);
     let sizes_ok = b * t <= MLA_DECODE_MAX_QUERIES
