@@ -18,9 +18,10 @@ const CLUSTER: i64 = 8;
 const CLUSTER_RANK: i64 = 512;
 const CLUSTER_V: i64 = 128;
 /// The most cache slots `mla_cluster` takes. Its 128 blocks attend over every slot; the three kernels
-/// split the slots over up to 32 x 16 blocks. On an H200 (V2-Lite decode, top-6) the cluster was ahead at
-/// 232 slots (2.096 vs 2.229 ms a token) and behind at 1032 (2.518 vs 2.433).
-const CLUSTER_MAX_SLOTS: i64 = 512;
+/// split the slots over up to 32 x 16 blocks. On an H200 (V2-Lite decode, top-6, both paths at b29bd82)
+/// the cluster was ahead at 529 slots (1.987 vs 2.081 ms a token) and behind at 1129 (2.307 vs 2.241),
+/// 2129 (2.831 vs 2.526) and 4129 (3.839 vs 3.194).
+const CLUSTER_MAX_SLOTS: i64 = 768;
 
 /// Inputs of [`mla_decode`]: DeepSeek-V2's absorbed multi-head latent attention for a few query tokens.
 #[derive(Debug, Clone, Copy)]

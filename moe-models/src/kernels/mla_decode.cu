@@ -499,7 +499,7 @@ mla_cluster(const bf16* __restrict__ q_nope, i64 qs_h, const bf16* __restrict__ 
     }
   }
   __syncthreads();
-  // Every warp takes the block's max and exp-sum itself (ns <= 64 scores: no block-wide reduction).
+  // Every warp takes the block's max and exp-sum itself (at most 96 scores: no block-wide reduction).
   float mx = NEG_INF;
   for (int m = lane; m < ns; m += 32) mx = fmaxf(mx, sc[m]);
   for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
