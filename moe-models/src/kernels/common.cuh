@@ -151,11 +151,10 @@ __device__ __forceinline__ void warp_load_row(uint4* v, const bf16* __restrict__
 // RMSNorm of a row held as warp_load_row leaves it, in place, by one warp with no shared memory:
 // x = bf16(norm_w * bf16(x * rsqrt(mean(x^2) + eps))), transformers' rounding, with the hardware's bf16
 // conversions and products (a software rounding per element made every warp of a projection spend ~5 us
-// of an H200's issue slots on V2-Lite's 2048-wide rows).
+// of an H200's issue slots on V2-Lite's 2048-wide rows). nv: the norm weight, loaded as warp_load_row
+// loads rows (a caller may load it early: it is a weight).
 template <int CH>
-__device__ __forceinline__ void warp_norm_row(uint4* x, const bf16* __restrict__ norm_w, float eps, int H, int lane) {
-  uint4 nv[CH];
-  warp_load_row<CH>(nv, norm_w, H, lane);
+__device__ __forceinline__ void warp_norm_loaded(uint4* x, const uint4* nv, float eps, int H) {
   float ss = 0.f;
 #pragma unroll
   for (int k = 0; k < CH; ++k) {
@@ -171,6 +170,14 @@ __device__ __forceinline__ void warp_norm_row(uint4* x, const bf16* __restrict__
 #pragma unroll
     for (int q = 0; q < 4; ++q) w[q] = mul_bf16x2(n[q], pack_bf16x2(lo(w[q]) * r, hi(w[q]) * r));
   }
+}
+
+// warp_norm_loaded with the norm weight read from norm_w (H bf16) here.
+template <int CH>
+__device__ __forceinline__ void warp_norm_row(uint4* x, const bf16* __restrict__ norm_w, float eps, int H, int lane) {
+  uint4 nv[CH];
+  warp_load_row<CH>(nv, norm_w, H, lane);
+  warp_norm_loaded<CH>(x, nv, eps, H);
 }
 
 // Programmatic dependent launch (kernels launched with cuda_graph's `Function::launch_dependent`, sm_90):

@@ -45,6 +45,18 @@ __device__ __forceinline__ float block_columns(const float* a, float (*part)[NC]
     for (int w = 0; w < MLA_THREADS / 32; ++w) s += part[w][threadIdx.x];
   return s;
 }
+// The max of n scores (-inf for masked ones) and, in *l, the sum of exp(score - max): one warp, every
+// lane gets both (a block's softmax partial without a block-wide reduction, for a few dozen scores).
+__device__ __forceinline__ float warp_softmax_stats(const float* sc, int n, int lane, float* l) {
+  float m = NEG_INF;
+  for (int j = lane; j < n; j += 32) m = fmaxf(m, sc[j]);
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  float e = 0.f;
+  for (int j = lane; j < n; j += 32) e += (sc[j] == NEG_INF || m == NEG_INF) ? 0.f : expf(sc[j] - m);
+  *l = warp_sum(e);
+  return m;
+}
+
 #define MLA_MAX_R 512
 #define MLA_RK (MLA_MAX_R / 256)  // 256-wide chunks of a latent row
 #define MLA_PART_ROWS 3           // cache rows a mla_part warp has in flight
@@ -198,12 +210,8 @@ mla_part(const float* __restrict__ qlat, const bf16* __restrict__ q_pe, const bf
   }
   __syncthreads();
   // Every warp takes the split's max and exp-sum itself (no block-wide reduction).
-  float m = NEG_INF;
-  for (int j = lane; j < j1 - j0; j += 32) m = fmaxf(m, sc[j]);
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  float l = 0.f;
-  for (int j = lane; j < j1 - j0; j += 32) l += (sc[j] == NEG_INF || m == NEG_INF) ? 0.f : expf(sc[j] - m);
-  l = warp_sum(l);
+  float l;
+  const float m = warp_softmax_stats(sc, j1 - j0, lane, &l);
   const int RG = R / 8, KG = MLA_THREADS / RG;
   const int rg = tid % RG, kg = tid / RG;
   if (kg < KG) {
@@ -396,11 +404,13 @@ mla_cluster(const bf16* __restrict__ q_nope, i64 qs_h, const bf16* __restrict__ 
         prefetch_l2(l < lines_c ? (const void*)(ckv + j * c_s + l * 64) : (const void*)(kpe + j * k_s + (l - lines_c) * 64));
     }
   }
-  const i64 slot = slots[0];  // written before the projections ran (as the bias and cos/sin)
+  const i64 slot = slots[0];  // written before the projections ran (as the bias, cos/sin and the norm weight)
   const bool owner = slot % MLA_C == c;
   const bool roper = tid < P / 2;
   const float cs = roper ? cos_t[tid] : 0.f, sn = roper ? sin_t[tid] : 0.f;
   const bool norm_warp = owner && warp == MLA_THREADS / 32 - 1;  // normalises the new latent
+  uint4 nw[2];
+  if (norm_warp) warp_load_row<2>(nw, kv_norm, MLA_CR, lane);
   pdl_wait();  // q and kv_in come from the projections
   pdl_release();
   // 1. Every load of q and kv_in at once (one memory latency); then q_lat columns, q_pe, and the new slot.
@@ -414,11 +424,8 @@ mla_cluster(const bf16* __restrict__ q_nope, i64 qs_h, const bf16* __restrict__ 
     q0 = bf(q_pe_raw[h * qs_h + i0]), q1 = bf(q_pe_raw[h * qs_h + i1]);
     if (owner) k0 = bf(kv_in[MLA_CR + i0]), k1 = bf(kv_in[MLA_CR + i1]);
   }
-  uint4 kvr[2], nw[2];
-  if (norm_warp) {
-    warp_load_row<2>(kvr, kv_in, MLA_CR, lane);
-    warp_load_row<2>(nw, kv_norm, MLA_CR, lane);
-  }
+  uint4 kvr[2];
+  if (norm_warp) warp_load_row<2>(kvr, kv_in, MLA_CR, lane);
   {
     float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -431,24 +438,10 @@ mla_cluster(const bf16* __restrict__ q_nope, i64 qs_h, const bf16* __restrict__ 
     qpe[i0] = to_bf16(q0 * cs - q1 * sn), qpe[i1] = to_bf16(q0 * sn + q1 * cs);
     if (owner) kps[i0] = to_bf16(k0 * cs - k1 * sn), kps[i1] = to_bf16(k0 * sn + k1 * cs);
   }
-  if (norm_warp) {  // one warp, no block barrier; stage_row's rounding (bf16 after the norm and the weight)
-    float ss = 0.f;
+  if (norm_warp) {  // one warp, no block barrier (transformers' rounding, as stage_row's)
+    warp_norm_loaded<2>(kvr, nw, eps, MLA_CR);
 #pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      const unsigned* w = reinterpret_cast<const unsigned*>(&kvr[k]);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) ss += lo(w[q]) * lo(w[q]) + hi(w[q]) * hi(w[q]);
-    }
-    const float r = rsqrtf(warp_sum(ss) / MLA_CR + eps);
-#pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      unsigned* w = reinterpret_cast<unsigned*>(&kvr[k]);
-      const unsigned* n = reinterpret_cast<const unsigned*>(&nw[k]);
-#pragma unroll
-      for (int q = 0; q < 4; ++q)
-        w[q] = to_bf16(lo(n[q]) * bf(to_bf16(lo(w[q]) * r))) | ((unsigned)to_bf16(hi(n[q]) * bf(to_bf16(hi(w[q]) * r))) << 16);
-      *reinterpret_cast<uint4*>(kvs + k * 256 + lane * 8) = kvr[k];
-    }
+    for (int k = 0; k < 2; ++k) *reinterpret_cast<uint4*>(kvs + k * 256 + lane * 8) = kvr[k];
   }
   __syncthreads();
   if (tid < 64) {
@@ -500,12 +493,8 @@ mla_cluster(const bf16* __restrict__ q_nope, i64 qs_h, const bf16* __restrict__ 
   }
   __syncthreads();
   // Every warp takes the block's max and exp-sum itself (at most 96 scores: no block-wide reduction).
-  float mx = NEG_INF;
-  for (int m = lane; m < ns; m += 32) mx = fmaxf(mx, sc[m]);
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  float l = 0.f;
-  for (int m = lane; m < ns; m += 32) l += (sc[m] == NEG_INF || mx == NEG_INF) ? 0.f : expf(sc[m] - mx);
-  l = warp_sum(l);
+  float l;
+  const float mx = warp_softmax_stats(sc, ns, lane, &l);
   {
     const int rg = tid & 63, kg = tid >> 6;  // 64 groups of 8 latent columns x 4 slot groups
     float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
