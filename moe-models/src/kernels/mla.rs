@@ -212,37 +212,40 @@ mod tests {
     fn mla_decode_kernel_matches_the_absorbed_libtorch_path() {
         let dev = Device::Cuda(0);
         tch::manual_seed(9);
-        let (b, nh, t, nope, rope, rank, v, s) = (2i64, 16i64, 1i64, 128i64, 64i64, 512i64, 128i64, 77i64);
-        let bf = |sh: &[i64], sd: f64| (Tensor::randn(sh, (Kind::Float, dev)) * sd).to_kind(Kind::BFloat16);
-        let q = bf(&[b, t, nh, nope + rope], 1.0).transpose(1, 2); // (b, nh, t, nope + rope), strided
-        let q_nope = q.narrow(-1, 0, nope);
-        let q_pe = q.narrow(-1, nope, rope).contiguous();
-        let w_uk = bf(&[nh, nope, rank], 0.05);
-        let w_uv_t = bf(&[nh, rank, v], 0.05);
-        let cache = bf(&[b, s, rank + rope], 1.0);
-        let ckv = cache.narrow(-1, 0, rank); // strided rows
-        let kpe = cache.narrow(-1, rank, rope);
-        // Slots 50.. of sequence 0 and 0..3 of sequence 1 are masked.
-        let keep = Tensor::ones([b, s], (Kind::Bool, dev));
-        let _ = keep.get(0).narrow(0, 50, s - 50).fill_(0);
-        let _ = keep.get(1).narrow(0, 0, 3).fill_(0);
-        let zero = Tensor::zeros([1], (Kind::Float, dev));
-        let ninf = Tensor::full([1], f64::NEG_INFINITY, (Kind::Float, dev));
-        let bias = zero.where_self(&keep, &ninf).view([b, 1, 1, s]).contiguous();
-        let scale = 0.07;
-        let got = mla_decode(&MlaDecode { q_nope: &q_nope, q_pe: &q_pe, w_uk: &w_uk, ckv: &ckv, kpe: &kpe, bias: &bias, w_uv_t: &w_uv_t, scale, prep: None })
-            .expect("mla")
-            .expect("applies")
-            .to_kind(Kind::Float); // (b, t, nh, v)
-        let q_lat = q_nope.matmul(&w_uk);
-        let qf = Tensor::cat(&[q_lat, q_pe.shallow_clone()], -1);
-        let kf = Tensor::cat(&[&ckv, &kpe], -1).unsqueeze(1);
-        let o_lat = crate::layers::attention::eager_attention(&qf, &kf, &ckv.unsqueeze(1), &bias, scale).expect("eager");
-        let want = o_lat.matmul(&w_uv_t).transpose(1, 2).to_kind(Kind::Float);
-        let err = (&got - &want).abs().max().double_value(&[]);
-        let mag = want.abs().max().double_value(&[]);
-        eprintln!("mla_decode: max |kernel - libtorch| = {err:.3e} (of {mag:.3e})");
-        assert!(err <= 0.03 * mag + 1e-3, "{err} vs {mag}");
+        let (b, nh, t, nope, rope, rank, v) = (2i64, 16i64, 1i64, 128i64, 64i64, 512i64, 128i64);
+        // 77 slots: splits of 16 slots; 1000: 32 splits of 32, whole splits masked in sequence 0.
+        for s in [77i64, 1000] {
+            let bf = |sh: &[i64], sd: f64| (Tensor::randn(sh, (Kind::Float, dev)) * sd).to_kind(Kind::BFloat16);
+            let q = bf(&[b, t, nh, nope + rope], 1.0).transpose(1, 2); // (b, nh, t, nope + rope), strided
+            let q_nope = q.narrow(-1, 0, nope);
+            let q_pe = q.narrow(-1, nope, rope).contiguous();
+            let w_uk = bf(&[nh, nope, rank], 0.05);
+            let w_uv_t = bf(&[nh, rank, v], 0.05);
+            let cache = bf(&[b, s, rank + rope], 1.0);
+            let ckv = cache.narrow(-1, 0, rank); // strided rows
+            let kpe = cache.narrow(-1, rank, rope);
+            // Slots 50.. of sequence 0 and 0..3 of sequence 1 are masked.
+            let keep = Tensor::ones([b, s], (Kind::Bool, dev));
+            let _ = keep.get(0).narrow(0, 50, s - 50).fill_(0);
+            let _ = keep.get(1).narrow(0, 0, 3).fill_(0);
+            let zero = Tensor::zeros([1], (Kind::Float, dev));
+            let ninf = Tensor::full([1], f64::NEG_INFINITY, (Kind::Float, dev));
+            let bias = zero.where_self(&keep, &ninf).view([b, 1, 1, s]).contiguous();
+            let scale = 0.07;
+            let got = mla_decode(&MlaDecode { q_nope: &q_nope, q_pe: &q_pe, w_uk: &w_uk, ckv: &ckv, kpe: &kpe, bias: &bias, w_uv_t: &w_uv_t, scale, prep: None })
+                .expect("mla")
+                .expect("applies")
+                .to_kind(Kind::Float); // (b, t, nh, v)
+            let q_lat = q_nope.matmul(&w_uk);
+            let qf = Tensor::cat(&[q_lat, q_pe.shallow_clone()], -1);
+            let kf = Tensor::cat(&[&ckv, &kpe], -1).unsqueeze(1);
+            let o_lat = crate::layers::attention::eager_attention(&qf, &kf, &ckv.unsqueeze(1), &bias, scale).expect("eager");
+            let want = o_lat.matmul(&w_uv_t).transpose(1, 2).to_kind(Kind::Float);
+            let err = (&got - &want).abs().max().double_value(&[]);
+            let mag = want.abs().max().double_value(&[]);
+            eprintln!("mla_decode, {s} slots: max |kernel - libtorch| = {err:.3e} (of {mag:.3e})");
+            assert!(err <= 0.03 * mag + 1e-3, "{err} vs {mag}");
+        }
     }
 
     /// On a GPU: with the step's raw inputs (`prep`), the kernels rope q_pe and k_pe, normalise the latent
@@ -263,8 +266,9 @@ mod tests {
         let w_uv_t = bf(&[nh, rank, v], 0.05);
         let norm = RmsNorm { weight: (Tensor::randn([rank], (Kind::Float, dev)) * 0.3 + 1.0).to_kind(Kind::BFloat16), eps: 1e-6 };
         // One sequence: the one-kernel cluster path (slot 40 is owned by block 0 of each head, 45 by block 5;
-        // 480 slots: 60 a block, several rounds of four a warp).
-        for (b, slot, cap) in [(1i64, 40i64, 96i64), (1, 45, 96), (1, 300, 480), (2, 40, 96)] {
+        // 480 slots: 60 a block, several rounds of four a warp). Two sequences, or one past the cluster's
+        // 768 slots: the three kernels.
+        for (b, slot, cap) in [(1i64, 40i64, 96i64), (1, 45, 96), (1, 300, 480), (2, 40, 96), (2, 450, 600), (1, 1000, 1100)] {
             let q = bf(&[b, 1, nh, nope + rope], 1.0).transpose(1, 2); // (b, nh, 1, dq)
             let (q_nope, q_pe_raw) = (q.narrow(-1, 0, nope), q.narrow(-1, nope, rope));
             let kv = bf(&[b, 1, rank + rope], 2.0);
