@@ -44,7 +44,7 @@ def report(lib, name, src):
             kernel = line.split("'")[1]
         elif "Used" in line and kernel:
             print(f"{name:16} {kernel:18} {line.split(':', 1)[1].strip()}")
-        elif "spill" in line and kernel and not line.strip().endswith("0 bytes spill loads"):
+        elif "spill" in line and kernel and not line.strip().startswith("ptxas         .     0 bytes stack frame, 0 bytes spill"):
             print(f"{name:16} {kernel:18} {line.strip()}")
 
 
