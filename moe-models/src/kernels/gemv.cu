@@ -110,22 +110,24 @@ gemv_norm(const bf16* __restrict__ x, int T, int H, const bf16* __restrict__ nor
   }
 }
 
-#define GEMV_WARP_CHUNKS 8  // 16-byte chunks per lane: rows up to 8 * 256 = 2048 wide
+#define GEMV_WARP_CHUNKS 8  // 16-byte chunks per lane: rows up to 8 * 256 = 2048 wide (gemv_warp*16: twice)
 
-// One token (T == 1, H <= 32 * 8 * GEMV_WARP_CHUNKS): every warp holds its whole row in registers, loaded
-// before the wait (as a programmatic dependent, while the previous kernel finishes), and normalises the
-// input itself (lane l takes columns k * 256 + 8 l .. + 8, the same for the input and the row), with no
-// shared memory and no block barrier. The norm uses the hardware's bf16 conversions and bf16 products,
-// which round as transformers does (bf16 after the normalisation, bf16 after the weight). Measured on an
-// H200 between 92 MB reads (a proxy for the MoE kernels around it), DeepSeek-V2-Lite's q + kv_a
-// projections (15 MB) cost 15 us as gemv_norm and ~7 us as this kernel.
+// One token (T == 1, H <= 32 * 8 * CH, CH = GEMV_WARP_CHUNKS or twice it): every warp holds its whole row
+// in registers, loaded before the wait (as a programmatic dependent, while the previous kernel finishes),
+// and normalises the input itself (lane l takes columns k * 256 + 8 l .. + 8, the same for the input and
+// the row), with no shared memory and no block barrier. The norm uses the hardware's bf16 conversions and
+// bf16 products, which round as transformers does (bf16 after the normalisation, bf16 after the weight).
+// Measured on an H200 between 92 MB reads (a proxy for the MoE kernels around it), DeepSeek-V2-Lite's q +
+// kv_a projections (15 MB) cost 15 us as gemv_norm and ~7 us as this kernel; Mixtral's 4096-wide
+// projections in the CH = 16 kernels took its decode from 8.006 to 7.584 ms a token (top-2).
 // NORM: normalise the input (norm_w given). The two are separate kernels because the norm costs registers
 // (146 a thread against ~70 without it): the kernel without the norm (o_proj, the LM head) then fits
 // more blocks beside the kernel before it, whose run its row loads overlap, while the normalising one
 // (the input projections, after the MoE block's bandwidth-bound down projection) fits fewer, which
 // measured faster there: more of its early loads competed with the down projection's (V2-Lite decode on
 // an H200, 1.877 -> 1.906 ms a token with the input projections at 68 registers).
-template <bool NORM>
+// CH: 16-byte chunks a lane holds (rows up to CH * 256 wide).
+template <bool NORM, int CH>
 __device__ __forceinline__ void gemv_warp_impl(const bf16* __restrict__ x, int H, const bf16* __restrict__ norm_w, float eps,
                                                const bf16* __restrict__ res, const Segment& sg, int lane) {
   const bf16* W = sg.W;
@@ -138,26 +140,59 @@ __device__ __forceinline__ void gemv_warp_impl(const bf16* __restrict__ x, int H
     pdl_release();
     return;
   }
-  uint4 wv[GEMV_WARP_CHUNKS];
-  warp_load_row<GEMV_WARP_CHUNKS>(wv, W + (i64)row * H, H, lane);
+  uint4 wv[CH];
+  warp_load_row<CH>(wv, W + (i64)row * H, H, lane);
   const float bias = lane == 0 && B != 0 ? bf(B[row]) : 0.f;
   pdl_wait();  // the input and the residual come from earlier kernels
   pdl_release();
   const float extra = bias + (lane == 0 && add ? bf(res[row]) : 0.f);
-  uint4 xv[GEMV_WARP_CHUNKS];
-  warp_load_row<GEMV_WARP_CHUNKS>(xv, x, H, lane);
-  if constexpr (NORM) warp_norm_row<GEMV_WARP_CHUNKS>(xv, norm_w, eps, H, lane);
   float acc = 0.f;
+  if constexpr (NORM && CH > GEMV_WARP_CHUNKS) {
+    // The wide rows' norm in two passes, so that the input and the norm weight are never all held at
+    // once (255 registers and spills otherwise): the mean square over the input, then each chunk again
+    // (an L1 hit) with its norm weight, normalised as warp_norm_loaded does, two chunks' loads at a time.
+    float r;
+    {
+      uint4 xv[CH];
+      warp_load_row<CH>(xv, x, H, lane);
+      float ss = 0.f;
 #pragma unroll
-  for (int k = 0; k < GEMV_WARP_CHUNKS; ++k) acc += dot8(wv[k], xv[k]);
+      for (int k = 0; k < CH; ++k) {
+        const unsigned* w = reinterpret_cast<const unsigned*>(&xv[k]);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) ss += lo(w[q]) * lo(w[q]) + hi(w[q]) * hi(w[q]);
+      }
+      r = rsqrtf(warp_sum(ss) / H + eps);
+    }
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+      const int c = k * 256 + lane * 8;
+      if (k % 2 == 0) asm volatile("" ::: "memory");  // keeps the compiler from hoisting every reload
+      if (c < H) {
+        uint4 xk = *reinterpret_cast<const uint4*>(x + c);
+        const uint4 nk = *reinterpret_cast<const uint4*>(norm_w + c);
+        unsigned* w = reinterpret_cast<unsigned*>(&xk);
+        const unsigned* n = reinterpret_cast<const unsigned*>(&nk);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) w[q] = mul_bf16x2(n[q], pack_bf16x2(lo(w[q]) * r, hi(w[q]) * r));
+        acc += dot8(wv[k], xk);
+      }
+    }
+  } else {
+    uint4 xv[CH];
+    warp_load_row<CH>(xv, x, H, lane);
+    if constexpr (NORM) warp_norm_row<CH>(xv, norm_w, eps, H, lane);
+#pragma unroll
+    for (int k = 0; k < CH; ++k) acc += dot8(wv[k], xv[k]);
+  }
   acc = warp_sum(acc);
   if (lane == 0) O[row] = to_bf16(acc + extra);
 }
 
 // grid (ceil((R_0 + R_1 + R_2) / GEMV_WARPS)), block 32 * GEMV_WARPS, no dynamic shared memory; the
 // arguments of gemv_norm (T must be 1). gemv_warp_norm normalises the input (norm_w given), gemv_warp
-// does not (norm_w ignored).
-#define GEMV_WARP(NAME, NORM)                                                                                 \
+// does not (norm_w ignored); the *16 pair holds twice the chunks (H <= 4096: Mixtral).
+#define GEMV_WARP(NAME, NORM, CH)                                                                             \
   extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                            \
   NAME(const bf16* __restrict__ x, int T, int H, const bf16* __restrict__ norm_w, float eps,               \
        const bf16* __restrict__ w0, const bf16* __restrict__ b0, bf16* __restrict__ o0, int r0,            \
@@ -166,7 +201,9 @@ __device__ __forceinline__ void gemv_warp_impl(const bf16* __restrict__ x, int H
        const bf16* __restrict__ res) {                                                                      \
     const Segment sg = segment(blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5), w0, b0, o0, r0, w1, b1, o1, r1, \
                                w2, b2, o2, r2, res != 0);                                                   \
-    gemv_warp_impl<NORM>(x, H, norm_w, eps, res, sg, threadIdx.x & 31);                                    \
+    gemv_warp_impl<NORM, CH>(x, H, norm_w, eps, res, sg, threadIdx.x & 31);                                \
   }
-GEMV_WARP(gemv_warp, false)
-GEMV_WARP(gemv_warp_norm, true)
+GEMV_WARP(gemv_warp, false, GEMV_WARP_CHUNKS)
+GEMV_WARP(gemv_warp_norm, true, GEMV_WARP_CHUNKS)
+GEMV_WARP(gemv_warp16, false, 2 * GEMV_WARP_CHUNKS)
+GEMV_WARP(gemv_warp16_norm, true, 2 * GEMV_WARP_CHUNKS)

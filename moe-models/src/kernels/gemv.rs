@@ -8,13 +8,14 @@ use super::{compiled, launch_dependent};
 use crate::error::Result;
 
 const GEMV_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("gemv.cu"));
-/// `[gemv_norm, gemv_warp, gemv_warp_norm]`.
-pub(super) static GEMV: Kernels = Kernels::new("gemv.cu", GEMV_SOURCE, &["gemv_norm", "gemv_warp", "gemv_warp_norm"]);
+/// `[gemv_norm, gemv_warp, gemv_warp_norm, gemv_warp16, gemv_warp16_norm]`.
+pub(super) static GEMV: Kernels =
+    Kernels::new("gemv.cu", GEMV_SOURCE, &["gemv_norm", "gemv_warp", "gemv_warp_norm", "gemv_warp16", "gemv_warp16_norm"]);
 
 /// The most tokens [`project`] takes (`GEMV_MAX_T` in `gemv.cu`).
 pub const PROJECT_MAX_TOKENS: i64 = 8;
 const WARPS: i64 = 4;
-/// The widest input `gemv_warp` takes (`32 * 8 * GEMV_WARP_CHUNKS` in `gemv.cu`).
+/// The widest input `gemv_warp` takes (`32 * 8 * GEMV_WARP_CHUNKS` in `gemv.cu`); `gemv_warp16` twice it.
 const WARP_MAX_WIDTH: i64 = 2048;
 /// Shared memory for the staged inputs (`T * H` bf16).
 const MAX_STAGED_BYTES: i64 = 48 * 1024;
@@ -114,8 +115,14 @@ pub fn project(p: &Project<'_>) -> Result<Option<Vec<Tensor>>> {
     // One token of a width a lane's registers hold: each warp keeps its row in registers and normalises
     // the input itself (no staging), in its own kernel when there is a norm; else the input is staged in
     // shared memory once per block.
-    if t == 1 && h <= WARP_MAX_WIDTH {
-        launch_dependent(if p.norm.is_some() { k[2] } else { k[1] }, grid, block, 0, &args)?;
+    if t == 1 && h <= 2 * WARP_MAX_WIDTH {
+        let kernel = match (h <= WARP_MAX_WIDTH, p.norm.is_some()) {
+            (true, false) => k[1],
+            (true, true) => k[2],
+            (false, false) => k[3],
+            (false, true) => k[4],
+        };
+        launch_dependent(kernel, grid, block, 0, &args)?;
     } else {
         launch_dependent(k[0], grid, block, (t * h * 2) as u32, &args)?;
     }
@@ -137,8 +144,9 @@ mod tests {
         let dev = Device::Cuda(0);
         tch::manual_seed(3);
         let bf = |s: &[i64], sd: f64| (Tensor::randn(s, (Kind::Float, dev)) * sd).to_kind(Kind::BFloat16);
-        // One token up to 2048 wide: gemv_warp (136: a partial last chunk); else gemv_norm.
-        for (t, h) in [(1i64, 2048i64), (1, 136), (3, 512), (1, 4096), (2, 136)] {
+        // One token up to 2048 wide: gemv_warp (136: a partial last chunk), up to 4096: gemv_warp16 (4096,
+        // 2200: a partial chunk); else gemv_norm.
+        for (t, h) in [(1i64, 2048i64), (1, 136), (3, 512), (1, 4096), (1, 2200), (2, 136)] {
             let x = bf(&[1, t, h], 1.0);
             let norm = RmsNorm { weight: bf(&[h], 1.0), eps: 1e-6 };
             let lins = [
