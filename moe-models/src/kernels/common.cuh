@@ -199,6 +199,18 @@ __device__ __forceinline__ void warp_prefetch(const void* p, i64 bytes, int lane
   for (i64 off = (i64)lane * 128; off < bytes; off += 32 * 128) prefetch_l2(static_cast<const char*>(p) + off);
 }
 
+// The max of n scores (-inf for masked ones) and, in *l, the sum of exp(score - max): one warp, every
+// lane gets both (a softmax partial without a block-wide reduction, for a few dozen scores).
+__device__ __forceinline__ float warp_softmax_stats(const float* sc, int n, int lane, float* l) {
+  float m = NEG_INF;
+  for (int j = lane; j < n; j += 32) m = fmaxf(m, sc[j]);
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  float e = 0.f;
+  for (int j = lane; j < n; j += 32) e += (sc[j] == NEG_INF || m == NEG_INF) ? 0.f : expf(sc[j] - m);
+  *l = warp_sum(e);
+  return m;
+}
+
 // One rotary pair j of a row of P values (element stride `stride` in, 1 out): (x0, x1) at (2j, 2j + 1) when
 // interleaved (DeepSeek), (j, j + P / 2) otherwise, becomes (x0 cos - x1 sin, x0 sin + x1 cos) in f32,
 // rounded to bf16 once.

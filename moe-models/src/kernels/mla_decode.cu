@@ -45,18 +45,6 @@ __device__ __forceinline__ float block_columns(const float* a, float (*part)[NC]
     for (int w = 0; w < MLA_THREADS / 32; ++w) s += part[w][threadIdx.x];
   return s;
 }
-// The max of n scores (-inf for masked ones) and, in *l, the sum of exp(score - max): one warp, every
-// lane gets both (a block's softmax partial without a block-wide reduction, for a few dozen scores).
-__device__ __forceinline__ float warp_softmax_stats(const float* sc, int n, int lane, float* l) {
-  float m = NEG_INF;
-  for (int j = lane; j < n; j += 32) m = fmaxf(m, sc[j]);
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  float e = 0.f;
-  for (int j = lane; j < n; j += 32) e += (sc[j] == NEG_INF || m == NEG_INF) ? 0.f : expf(sc[j] - m);
-  *l = warp_sum(e);
-  return m;
-}
-
 #define MLA_MAX_R 512
 #define MLA_RK (MLA_MAX_R / 256)  // 256-wide chunks of a latent row
 #define MLA_PART_ROWS 3           // cache rows a mla_part warp has in flight

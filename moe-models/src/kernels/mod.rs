@@ -6,6 +6,8 @@
 //!   three kernels: the routed experts read straight from the stacked weights, optionally the router's
 //!   top-k and the shared expert too, replacing ~30 libtorch kernels;
 //! - [`moe_combine`] and [`swiglu`] (`grouped.rs`): the grouped path for many tokens (prefill);
+//! - [`gqa_decode`] (`gqa.rs`): grouped-query attention of one new token per sequence (rotary, cache
+//!   write, flash-decoding) in two kernels;
 //! - [`mla_decode`] (`mla.rs`): DeepSeek-V2's absorbed attention for decode steps in three small kernels
 //!   (one, with a thread block cluster per head, for a single token), with the step's rope, latent norm
 //!   and cache write;
@@ -20,6 +22,7 @@
 mod argmax;
 mod fused_moe;
 mod gemv;
+mod gqa;
 mod grouped;
 mod mla;
 mod rotary;
@@ -36,6 +39,7 @@ pub use fused_moe::{
 };
 pub use argmax::argmax;
 pub use gemv::{project, Project, Projection, PROJECT_MAX_TOKENS};
+pub use gqa::{gqa_decode, GqaDecode};
 pub use grouped::{moe_combine, swiglu};
 pub use mla::{mla_decode, MlaDecode, MlaPrep, MLA_DECODE_MAX_QUERIES};
 pub use rotary::rotary;
@@ -49,8 +53,8 @@ pub(crate) fn compiled(k: &'static Kernels, device: Device) -> Result<&'static [
 }
 
 /// Every run-time compiled source as `(file name, source)`, as NVRTC gets it (for compile checks).
-pub fn sources() -> [(&'static str, &'static str); 7] {
-    [&gemv::GEMV, &argmax::ARGMAX, &fused_moe::MOE, &rotary::ROTARY, &mla::MLA, &grouped::GROUPED, &step_plan::PLAN].map(|k| (k.file(), k.source()))
+pub fn sources() -> [(&'static str, &'static str); 8] {
+    [&gemv::GEMV, &argmax::ARGMAX, &fused_moe::MOE, &rotary::ROTARY, &mla::MLA, &grouped::GROUPED, &step_plan::PLAN, &gqa::GQA].map(|k| (k.file(), k.source()))
 }
 
 pub(crate) fn launch(f: Function, grid: [u32; 3], block: [u32; 3], args: &[Arg<'_>]) -> Result<()> {
@@ -69,7 +73,7 @@ pub(crate) fn launch_shared(f: Function, grid: [u32; 3], block: [u32; 3], shared
 /// activation and before its first write.
 #[allow(unsafe_code)]
 pub(crate) fn launch_dependent(f: Function, grid: [u32; 3], block: [u32; 3], shared: u32, args: &[Arg<'_>]) -> Result<()> {
-    // SAFETY (this and `launch_shared`): the callers (`fused_moe`, `rotary`, `mla_decode`, `moe_combine`,
+    // SAFETY (this and `launch_shared`): the callers (`fused_moe`, `rotary`, `mla_decode`, `gqa_decode`, `moe_combine`,
     // `project`, `argmax`, `decode_plan`) checked that every tensor is on the kernel's device, of the dtype, shape and
     // strides the kernel indexes with (the size arguments passed); `fused_moe`'s ids outside 0..E are
     // skipped by the kernels, and its null pointers are only for tensors the size and mode arguments say

@@ -366,6 +366,9 @@ impl GqaAttention {
     /// Rotary, the cache and attention for q `(b, t, heads, d)`, k and v `(b, t, kv_heads, d)`: `(b, t,
     /// heads * d)`, before `o_proj`.
     fn attend(&self, layer: usize, (q, k, v): (Tensor, Tensor, Tensor), step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
+        if let Some(out) = self.attend_one_token(layer, &q, &k, &v, step, ctx)? {
+            return Ok(out);
+        }
         let GqaShape { heads, head_dim, .. } = self.shape;
         let (b, t) = (step.plan.b, step.plan.t);
         let q = step.rotary.apply(&q.f_transpose(1, 2)?, &step.cos, &step.sin)?; // (b, nh, t, d)
@@ -377,6 +380,32 @@ impl GqaAttention {
         let scale = (head_dim as f64).powf(-0.5);
         let out = attention(&q, &self.repeat_kv(&k)?, &self.repeat_kv(&v)?, step.mask(self.sliding), scale)?; // (b, nh, t, d)
         Ok(out.f_transpose(1, 2)?.f_reshape([b, t, heads * head_dim])?)
+    }
+
+    /// [`Self::attend`] for one new token per sequence into a preallocated cache on CUDA bf16 (and
+    /// `ctx.fuse_decode`): the rotary embedding, the cache write and the attention in two kernels
+    /// (`kernels::gqa_decode`) instead of about ten libtorch ones; `None` where they do not apply.
+    fn attend_one_token(&self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Option<Tensor>> {
+        let head_dim = self.shape.head_dim;
+        if !ctx.fuse_decode || step.plan.t != 1 || step.rotary.dim as i64 != head_dim || !q.device().is_cuda() {
+            return Ok(None);
+        }
+        let Some(cache) = ctx.cache.as_deref_mut() else { return Ok(None) };
+        let Some((k_cache, v_cache, slot)) = cache.buffers(layer, k, v)? else { return Ok(None) };
+        let call = crate::kernels::GqaDecode {
+            q,
+            k,
+            v,
+            cos: &step.cos,
+            sin: &step.sin,
+            interleaved: step.rotary.style == super::rotary::RopeStyle::Interleaved,
+            k_cache: &k_cache,
+            v_cache: &v_cache,
+            slot: &slot,
+            bias: step.bias(self.sliding),
+            scale: (head_dim as f64).powf(-0.5),
+        };
+        crate::kernels::gqa_decode(&call)
     }
 
     /// `(b, s, kv_heads, d)` -> `(b, heads, s, d)`: each key/value head serves `heads / kv_heads`
