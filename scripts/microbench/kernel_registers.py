@@ -2,6 +2,9 @@
 # H200 (sm_90), through the NVRTC of the project's torch venv: runs on a machine without a GPU.
 #
 #   python3 scripts/microbench/kernel_registers.py [file.cu ...]     (default: every moe-models kernel file)
+#   python3 scripts/microbench/kernel_registers.py --ptx DIR [file.cu ...]
+#       writes each file's PTX for sm_90 (comments and line info dropped) into DIR instead: two trees'
+#       PTX compared with `diff -r` shows whether a refactor changed any kernel's code.
 #
 # Registers decide which blocks fit beside the kernel before them while it finishes (programmatic
 # dependent launches): docs/speed-notes.md (session 6) has a kernel that got slower at 167 registers a
@@ -48,12 +51,39 @@ def report(lib, name, src):
             print(f"{name:16} {kernel:18} {line.strip()}")
 
 
+def ptx(lib, name, src):
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), name.encode(), 0, None, None):
+        sys.exit(f"{name}: nvrtcCreateProgram failed")
+    opts = [b"--gpu-architecture=compute_90", b"--std=c++17", b"-default-device", b"--use_fast_math"]
+    if lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)):
+        sys.exit(f"{name}: does not compile")
+    n = ctypes.c_size_t()
+    lib.nvrtcGetPTXSize(prog, ctypes.byref(n))
+    buf = ctypes.create_string_buffer(n.value)
+    lib.nvrtcGetPTX(prog, buf)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    keep = [l for l in buf.value.decode().splitlines() if not l.strip().startswith(("//", ".loc", ".file"))]
+    return "\n".join(keep) + "\n"
+
+
 def main():
+    args = sys.argv[1:]
+    out = None
+    if args[:1] == ["--ptx"]:
+        if len(args) < 2:
+            sys.exit("--ptx needs a directory")
+        out, args = args[1], args[2:]
+        os.makedirs(out, exist_ok=True)
     lib = nvrtc()
     common = open(os.path.join(ROOT, "common.cuh")).read()
-    files = sys.argv[1:] or sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.cu")))
+    files = args or sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.cu")))
     for f in files:
-        report(lib, f, common + open(os.path.join(ROOT, f)).read())
+        src = common + open(os.path.join(ROOT, f)).read()
+        if out is None:
+            report(lib, f, src)
+        else:
+            open(os.path.join(out, f + ".ptx"), "w").write(ptx(lib, f, src))
 
 
 if __name__ == "__main__":

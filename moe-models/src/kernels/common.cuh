@@ -148,13 +148,9 @@ __device__ __forceinline__ void warp_load_row(uint4* v, const bf16* __restrict__
   }
 }
 
-// RMSNorm of a row held as warp_load_row leaves it, in place, by one warp with no shared memory:
-// x = bf16(norm_w * bf16(x * rsqrt(mean(x^2) + eps))), transformers' rounding, with the hardware's bf16
-// conversions and products (a software rounding per element made every warp of a projection spend ~5 us
-// of an H200's issue slots on V2-Lite's 2048-wide rows). nv: the norm weight, loaded as warp_load_row
-// loads rows (a caller may load it early: it is a weight).
+// 1 / rms of a row held as warp_load_row leaves it (H values over the warp): rsqrt(mean(x^2) + eps).
 template <int CH>
-__device__ __forceinline__ void warp_norm_loaded(uint4* x, const uint4* nv, float eps, int H) {
+__device__ __forceinline__ float warp_inv_rms(const uint4* x, float eps, int H) {
   float ss = 0.f;
 #pragma unroll
   for (int k = 0; k < CH; ++k) {
@@ -162,14 +158,26 @@ __device__ __forceinline__ void warp_norm_loaded(uint4* x, const uint4* nv, floa
 #pragma unroll
     for (int q = 0; q < 4; ++q) ss += lo(w[q]) * lo(w[q]) + hi(w[q]) * hi(w[q]);
   }
-  const float r = rsqrtf(warp_sum(ss) / H + eps);
+  return rsqrtf(warp_sum(ss) / H + eps);
+}
+
+// One 16-byte chunk normalised in place: x = bf16(n * bf16(x * r)), transformers' rounding, with the
+// hardware's bf16 conversions and products (a software rounding per element made every warp of a
+// projection spend ~5 us of an H200's issue slots on V2-Lite's 2048-wide rows).
+__device__ __forceinline__ void norm_chunk(uint4& x, const uint4& n, float r) {
+  unsigned* w = reinterpret_cast<unsigned*>(&x);
+  const unsigned* nw = reinterpret_cast<const unsigned*>(&n);
 #pragma unroll
-  for (int k = 0; k < CH; ++k) {
-    unsigned* w = reinterpret_cast<unsigned*>(&x[k]);
-    const unsigned* n = reinterpret_cast<const unsigned*>(&nv[k]);
+  for (int q = 0; q < 4; ++q) w[q] = mul_bf16x2(nw[q], pack_bf16x2(lo(w[q]) * r, hi(w[q]) * r));
+}
+
+// RMSNorm of a row held as warp_load_row leaves it, in place, by one warp with no shared memory. nv: the
+// norm weight, loaded as warp_load_row loads rows (a caller may load it early: it is a weight).
+template <int CH>
+__device__ __forceinline__ void warp_norm_loaded(uint4* x, const uint4* nv, float eps, int H) {
+  const float r = warp_inv_rms<CH>(x, eps, H);
 #pragma unroll
-    for (int q = 0; q < 4; ++q) w[q] = mul_bf16x2(n[q], pack_bf16x2(lo(w[q]) * r, hi(w[q]) * r));
-  }
+  for (int k = 0; k < CH; ++k) norm_chunk(x[k], nv[k], r);
 }
 
 // warp_norm_loaded with the norm weight read from norm_w (H bf16) here.

@@ -155,14 +155,7 @@ __device__ __forceinline__ void gemv_warp_impl(const bf16* __restrict__ x, int H
     {
       uint4 xv[CH];
       warp_load_row<CH>(xv, x, H, lane);
-      float ss = 0.f;
-#pragma unroll
-      for (int k = 0; k < CH; ++k) {
-        const unsigned* w = reinterpret_cast<const unsigned*>(&xv[k]);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) ss += lo(w[q]) * lo(w[q]) + hi(w[q]) * hi(w[q]);
-      }
-      r = rsqrtf(warp_sum(ss) / H + eps);
+      r = warp_inv_rms<CH>(xv, eps, H);
     }
 #pragma unroll
     for (int k = 0; k < CH; ++k) {
@@ -170,11 +163,8 @@ __device__ __forceinline__ void gemv_warp_impl(const bf16* __restrict__ x, int H
       if (k % 2 == 0) asm volatile("" ::: "memory");  // keeps the compiler from hoisting every reload
       if (c < H) {
         uint4 xk = *reinterpret_cast<const uint4*>(x + c);
-        const uint4 nk = *reinterpret_cast<const uint4*>(norm_w + c);
-        unsigned* w = reinterpret_cast<unsigned*>(&xk);
-        const unsigned* n = reinterpret_cast<const unsigned*>(&nk);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) w[q] = mul_bf16x2(n[q], pack_bf16x2(lo(w[q]) * r, hi(w[q]) * r));
+        const uint4 nk = *reinterpret_cast<const uint4*>(norm_w + c);  // one 16-byte load
+        norm_chunk(xk, nk, r);
         acc += dot8(wv[k], xk);
       }
     }
