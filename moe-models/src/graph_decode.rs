@@ -203,6 +203,62 @@ mod tests {
         }
     }
 
+    /// On a GPU: the grouped-query decode kernels (`kernels::gqa_decode`, which need 128-wide heads: the
+    /// committed tiny checkpoints' are 48 wide) inside whole decode steps give the logits of the libtorch
+    /// path, and the captured graph decodes the same tokens as the same steps run eagerly: a Mixtral-shaped
+    /// model with random weights, two 128-wide query heads per key/value head. Bound as in
+    /// `fused_norms_and_residuals_match_libtorch_ops_on_the_gpu`.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn gqa_decode_steps_match_libtorch_and_the_graph_on_the_gpu() {
+        let dev = Device::Cuda(0);
+        let dir = std::env::temp_dir().join(format!("alloc-moe-gqa-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let config = serde_json::json!({
+            "model_type": "mixtral", "hidden_size": 256, "intermediate_size": 128, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "num_hidden_layers": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+            "vocab_size": 512, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+            "eos_token_id": 0, "bos_token_id": 0, "tie_word_embeddings": false
+        });
+        std::fs::write(dir.join("config.json"), config.to_string()).expect("write config");
+        let model = crate::load_random(&dir.join("config.json"), dev, Kind::BFloat16, 0.05, 7).expect("random model");
+        let _ = std::fs::remove_dir_all(&dir);
+        let policy = DeviceTopK { k: 2 };
+        let prompt = Tensor::from_slice2(&[[5i64, 17, 300, 42, 7, 99, 100, 3]]).to_device(dev);
+        let (mut fused_cache, mut plain_cache) = (KvCache::with_capacity(32), KvCache::with_capacity(32));
+        let mut fused = ForwardCtx::new(&policy).with_cache(&mut fused_cache);
+        let mut plain = ForwardCtx::new(&policy).with_cache(&mut plain_cache).with_fuse_decode(false);
+        let _ = model.forward_hidden(&prompt, &mut fused).expect("prefill");
+        let h = model.forward_hidden(&prompt, &mut plain).expect("prefill");
+        let mut ids = model.lm_head(&h.narrow(1, 7, 1)).expect("head").argmax(-1, false);
+        for step in 0..8 {
+            let got = model.lm_head(&model.forward_hidden(&ids, &mut fused).expect("fused")).expect("head").to_kind(Kind::Float);
+            let want = model.lm_head(&model.forward_hidden(&ids, &mut plain).expect("plain")).expect("head").to_kind(Kind::Float);
+            let (err, mag) = ((&got - &want).abs().max().double_value(&[]), want.abs().max().double_value(&[]));
+            eprintln!("step {step}: max |fused - libtorch| = {err:.3e} (of {mag:.3e})");
+            assert!(err <= 0.1 * mag, "step {step}: {err} of {mag}");
+            ids = want.argmax(-1, false);
+        }
+        // The graph against the same kernels run eagerly (a preallocated cache, so that both take them).
+        let mut cache = KvCache::with_capacity(32);
+        let mut eager_ctx = ForwardCtx::new(&policy).with_cache(&mut cache);
+        let h = model.forward_hidden(&prompt, &mut eager_ctx).expect("prefill");
+        let mut ids = model.lm_head(&h.narrow(1, 7, 1)).expect("head").argmax(-1, false);
+        let mut want = vec![ids.int64_value(&[0, 0])];
+        for _ in 0..10 {
+            ids = model.lm_head(&model.forward_hidden(&ids, &mut eager_ctx).expect("step")).expect("head").argmax(-1, false);
+            want.push(ids.int64_value(&[0, 0]));
+        }
+        let mut ctx = ForwardCtx::new(&policy);
+        let mut dec = GraphDecoder::new(&model, &prompt, 32, &mut ctx).expect("capture");
+        let mut got = vec![dec.tokens().int64_value(&[0, 0])];
+        for _ in 0..10 {
+            dec.step().expect("step");
+            got.push(dec.tokens().int64_value(&[0, 0]));
+        }
+        assert_eq!(got, want);
+    }
+
     /// On a GPU: `Model::generate_greedy` (through the CUDA graph when no trace is recorded) gives the ids of
     /// an eager greedy loop, for the committed DeepSeek-V2 checkpoint in bf16; with a trace it runs
     /// eagerly and records the routing.
