@@ -144,21 +144,27 @@ fn decode(model: &Model, ctx: &ForwardCtx<'_>, prompt: &Tensor, steps: usize) ->
     Ok(())
 }
 
-/// Median ms per step of eager decoding (the prompt's prefill timed separately and subtracted).
+/// Median ms per step of eager decoding: the prompt is prefilled untimed, then `steps` steps are timed on
+/// their own (subtracting a separately timed prefill instead gave noise, even negative times, when the
+/// prompt's prefill dwarfs the steps: a long context on the CPU).
 fn decode_eager(model: &Model, ctx: &ForwardCtx<'_>, prompt: &Tensor, steps: usize, repeats: usize) -> Result<f64> {
     let device = model.info().device;
     decode(model, ctx, prompt, 3)?;
     sync(device);
     let mut times = Vec::new();
     for _ in 0..repeats {
-        let s = Instant::now();
-        decode(model, ctx, prompt, 1)?;
+        let mut cache = KvCache::new();
+        let mut step_ctx = ctx.settings().with_cache(&mut cache);
+        let h = model.forward_hidden(prompt, &mut step_ctx)?;
+        let mut ids = model.lm_head(&h.f_narrow(1, h.size()[1] - 1, 1)?)?.f_argmax(-1, false)?;
         sync(device);
-        let first = s.elapsed().as_secs_f64();
         let s = Instant::now();
-        decode(model, ctx, prompt, steps + 1)?;
+        for _ in 0..steps {
+            let h = model.forward_hidden(&ids, &mut step_ctx)?;
+            ids = model.lm_head(&h)?.f_argmax(-1, false)?; // (b, 1), stays on the device
+        }
         sync(device);
-        times.push((s.elapsed().as_secs_f64() - first) * 1e3 / steps as f64);
+        times.push(s.elapsed().as_secs_f64() * 1e3 / steps as f64);
     }
     Ok(median(times))
 }
