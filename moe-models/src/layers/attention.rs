@@ -377,9 +377,13 @@ impl GqaAttention {
             Some(cache) => cache.append(layer, &k, &v)?,
             None => (k, v),
         }; // (b, s, kvh, d)
-        let scale = (head_dim as f64).powf(-0.5);
-        let out = attention(&q, &self.repeat_kv(&k)?, &self.repeat_kv(&v)?, step.mask(self.sliding), scale)?; // (b, nh, t, d)
+        let out = attention(&q, &self.repeat_kv(&k)?, &self.repeat_kv(&v)?, step.mask(self.sliding), self.scale())?; // (b, nh, t, d)
         Ok(out.f_transpose(1, 2)?.f_reshape([b, t, heads * head_dim])?)
+    }
+
+    /// The softmax scale, `head_dim^-0.5`.
+    fn scale(&self) -> f64 {
+        (self.shape.head_dim as f64).powf(-0.5)
     }
 
     /// [`Self::attend`] for one new token per sequence into a preallocated cache on CUDA bf16 (and
@@ -403,7 +407,7 @@ impl GqaAttention {
             v_cache: &v_cache,
             slot: &slot,
             bias: step.bias(self.sliding),
-            scale: (head_dim as f64).powf(-0.5),
+            scale: self.scale(),
         };
         crate::kernels::gqa_decode(&call)
     }
