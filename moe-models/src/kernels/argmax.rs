@@ -46,16 +46,15 @@ pub fn argmax(logits: &Tensor) -> Result<Option<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
+    use crate::kernels::gpu_test::{gpu, randn_bf16};
 
     /// On a GPU: the kernel gives torch.argmax's index on random rows, on rows with ties (the first
     /// wins), with -inf everywhere, and with NaN (the first NaN wins).
     #[test]
     #[ignore = "needs a CUDA device"]
     fn argmax_matches_torch() {
-        let dev = Device::Cuda(0);
-        tch::manual_seed(4);
-        let mut x = Tensor::randn([3, 1, 102400], (Kind::Float, dev)).to_kind(Kind::BFloat16);
+        let dev = gpu(4);
+        let mut x = randn_bf16(&[3, 1, 102400], 1.0, dev);
         let _ = x.get(1).get(0).narrow(0, 5000, 1).fill_(1000.0);
         let _ = x.get(1).get(0).narrow(0, 70000, 1).fill_(1000.0);
         let _ = x.get(2).get(0).fill_(f64::NEG_INFINITY);

@@ -305,6 +305,7 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::gpu_test::{gpu, randn_bf16};
     use crate::ctx::Dispatch;
     use crate::layers::moe::Experts;
 
@@ -313,12 +314,11 @@ mod tests {
     #[test]
     #[ignore = "needs a CUDA device"]
     fn fused_matches_grouped_on_the_gpu() {
-        let dev = Device::Cuda(0);
-        tch::manual_seed(1);
+        let dev = gpu(1);
         let (e, h, i) = (16i64, 256i64, 136i64);
         let ex = Experts {
-            gate_up_proj: (Tensor::randn([e, 2 * i, h], (Kind::Float, dev)) * 0.05).to_kind(Kind::BFloat16),
-            down_proj: (Tensor::randn([e, h, i], (Kind::Float, dev)) * 0.05).to_kind(Kind::BFloat16),
+            gate_up_proj: randn_bf16(&[e, 2 * i, h], 0.05, dev),
+            down_proj: randn_bf16(&[e, h, i], 0.05, dev),
             num_experts: e,
         };
         for (n, ids) in [
@@ -328,7 +328,7 @@ mod tests {
             let w = ids.len() as i64 / n;
             let ids = Tensor::from_slice(&ids).reshape([n, w]).to_device(dev);
             let mix = Tensor::rand([n, w], (Kind::Float, dev));
-            let x = Tensor::randn([n, h], (Kind::Float, dev)).to_kind(Kind::BFloat16);
+            let x = randn_bf16(&[n, h], 1.0, dev);
             let a = ex.forward(&x, &ids, &mix, Dispatch::Fused, None).expect("fused").to_kind(Kind::Float);
             let b = ex.forward(&x, &ids, &mix, Dispatch::Grouped, None).expect("grouped").to_kind(Kind::Float);
             let err = (&a - &b).abs().max().double_value(&[]);
@@ -362,7 +362,7 @@ mod tests {
         use crate::layers::moe::{MoeBlock, Mixing, MixingTable, TopkMethod};
         use crate::layers::Linear;
         let dev = Device::Cuda(0);
-        let bf = |s: &[i64], sd: f64| (Tensor::randn(s, (Kind::Float, dev)) * sd).to_kind(Kind::BFloat16);
+        let bf = |s: &[i64], sd: f64| randn_bf16(s, sd, dev);
         let lin = |o: i64, n: i64| Linear { weight: bf(&[o, n], 0.05), bias: None };
         let m = Mixing { renormalize, scale: if renormalize { 1.0 } else { 1.5 } };
         MoeBlock {
@@ -387,14 +387,13 @@ mod tests {
         use crate::ctx::ForwardCtx;
         use crate::layers::moe::TokenInfo;
         use alloc_token::device::DeviceTopK;
-        let dev = Device::Cuda(0);
-        tch::manual_seed(5);
+        let dev = gpu(5);
         for (e, is, gated, renorm, k) in [(64i64, 272i64, false, false, 6usize), (60, 176, true, true, 4), (8, 0, false, true, 2)] {
             let block = random_block(e, 256, 136, is, gated, renorm);
             let policy = DeviceTopK { k };
             assert_eq!(alloc_token::device::DevicePolicy::fixed_top_k(&policy, 3, 5), Some(k));
             for n in [1i64, 5] {
-                let x = (Tensor::randn([1, n, 256], (Kind::Float, dev))).to_kind(Kind::BFloat16);
+                let x = randn_bf16(&[1, n, 256], 1.0, dev);
                 let tokens = TokenInfo { mask: None, seq_ids: Tensor::zeros([n], (Kind::Int64, dev)) };
                 let mut fused_ctx = ForwardCtx::new(&policy);
                 let got = block.forward(3, &x, &tokens, &mut fused_ctx).expect("fused").to_kind(Kind::Float);
@@ -413,7 +412,7 @@ mod tests {
             let policy = DeviceTopK { k };
             let norm = crate::layers::RmsNorm { weight: (Tensor::randn([256], (Kind::Float, dev)) * 0.5 + 1.0).to_kind(Kind::BFloat16), eps: 1e-6 };
             for n in [1i64, 5] {
-                let x = (Tensor::randn([1, n, 256], (Kind::Float, dev)) * 2.0).to_kind(Kind::BFloat16);
+                let x = randn_bf16(&[1, n, 256], 2.0, dev);
                 let tokens = TokenInfo { mask: None, seq_ids: Tensor::zeros([n], (Kind::Int64, dev)) };
                 let got = block.forward_residual(3, &x, &norm, &tokens, &mut ForwardCtx::new(&policy)).expect("fused").to_kind(Kind::Float);
                 let mut ref_ctx = ForwardCtx::new(&policy).with_fuse_decode(false);
@@ -426,7 +425,7 @@ mod tests {
         }
         // Chosen ids (with empty slots) plus a gated shared expert.
         let block = random_block(16, 256, 136, 176, true, true);
-        let x = Tensor::randn([3, 256], (Kind::Float, dev)).to_kind(Kind::BFloat16);
+        let x = randn_bf16(&[3, 256], 1.0, dev);
         let ids = Tensor::from_slice(&[1i64, 4, -1, 15, 15, 2, -1, -1, -1]).reshape([3, 3]).to_device(dev);
         let probs = block.router_probs(&x).expect("probs");
         let mix = MixWeights::Router { probs: &probs, renormalize: true, scale: 1.0 };

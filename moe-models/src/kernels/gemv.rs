@@ -133,17 +133,16 @@ pub fn project(p: &Project<'_>) -> Result<Option<Vec<Tensor>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::gpu_test::{gpu, randn_bf16};
     use crate::layers::{Linear, RmsNorm};
-    use tch::Device;
 
     /// On a GPU: the one-kernel projections equal libtorch's rms_norm, linear (with and without bias)
     /// and residual add within bf16 rounding, for one and several tokens and rows wider than one pass.
     #[test]
     #[ignore = "needs a CUDA device"]
     fn projections_match_libtorch() {
-        let dev = Device::Cuda(0);
-        tch::manual_seed(3);
-        let bf = |s: &[i64], sd: f64| (Tensor::randn(s, (Kind::Float, dev)) * sd).to_kind(Kind::BFloat16);
+        let dev = gpu(3);
+        let bf = |s: &[i64], sd: f64| randn_bf16(s, sd, dev);
         // One token up to 2048 wide: gemv_warp (136: a partial last chunk), up to 4096: gemv_warp16 (4096,
         // 2200: a partial chunk); else gemv_norm.
         for (t, h) in [(1i64, 2048i64), (1, 136), (3, 512), (1, 4096), (1, 2200), (2, 136)] {

@@ -114,9 +114,9 @@ pub fn gqa_decode(a: &GqaDecode<'_>) -> Result<Option<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::gpu_test::{gpu, randn_bf16};
     use crate::layers::attention::eager_attention;
     use crate::layers::rotary::{RopeSpec, RopeStyle, Rotary};
-    use tch::Device;
 
     /// On a GPU: the two kernels equal libtorch's rotary, cache index_copy and eager attention with the
     /// key/value heads repeated (bf16 tolerance), and leave the same cache: multi-head and grouped heads,
@@ -124,10 +124,9 @@ mod tests {
     #[test]
     #[ignore = "needs a CUDA device"]
     fn gqa_decode_matches_rotary_cache_write_and_eager_attention() {
-        let dev = Device::Cuda(0);
-        tch::manual_seed(5);
+        let dev = gpu(5);
         let d = 128i64;
-        let bf = |sh: &[i64], sd: f64| (Tensor::randn(sh, (Kind::Float, dev)) * sd).to_kind(Kind::BFloat16);
+        let bf = |sh: &[i64], sd: f64| randn_bf16(sh, sd, dev);
         for (b, nh, kvh, s, slot, style) in [
             (1i64, 16i64, 16i64, 96i64, 40i64, RopeStyle::HalfSplit),
             (2, 32, 8, 161, 100, RopeStyle::HalfSplit),

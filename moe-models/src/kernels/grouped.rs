@@ -83,6 +83,7 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Option<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::gpu_test::{gpu, randn_bf16};
     use tch::Device;
     use crate::ctx::Dispatch;
     use crate::layers::moe::Experts;
@@ -93,15 +94,14 @@ mod tests {
     #[test]
     #[ignore = "needs a CUDA device"]
     fn grouped_combine_matches_the_cpu_reference() {
-        let dev = Device::Cuda(0);
-        tch::manual_seed(11);
+        let dev = gpu(11);
         let (e, h, i, n, w) = (16i64, 256i64, 136i64, 300i64, 6i64);
         let ex = Experts {
-            gate_up_proj: (Tensor::randn([e, 2 * i, h], (Kind::Float, dev)) * 0.05).to_kind(Kind::BFloat16),
-            down_proj: (Tensor::randn([e, h, i], (Kind::Float, dev)) * 0.05).to_kind(Kind::BFloat16),
+            gate_up_proj: randn_bf16(&[e, 2 * i, h], 0.05, dev),
+            down_proj: randn_bf16(&[e, h, i], 0.05, dev),
             num_experts: e,
         };
-        let x = Tensor::randn([n, h], (Kind::Float, dev)).to_kind(Kind::BFloat16);
+        let x = randn_bf16(&[n, h], 1.0, dev);
         // Distinct experts per token (a random permutation's prefix), count 0..=w per token.
         let perm = Tensor::rand([n, e], (Kind::Float, dev)).argsort(-1, false).narrow(1, 0, w);
         let counts = Tensor::randint(w + 1, [n, 1], (Kind::Int64, dev));
@@ -129,9 +129,8 @@ mod tests {
     #[test]
     #[ignore = "needs a CUDA device"]
     fn swiglu_kernel_matches_libtorch() {
-        let dev = Device::Cuda(0);
-        tch::manual_seed(12);
-        let gu = (Tensor::randn([37, 2 * 136], (Kind::Float, dev)) * 3.0).to_kind(Kind::BFloat16);
+        let dev = gpu(12);
+        let gu = randn_bf16(&[37, 2 * 136], 3.0, dev);
         let (g, u) = (gu.narrow(1, 0, 136), gu.narrow(1, 136, 136));
         for (g, u) in [(g.shallow_clone(), u.shallow_clone()), (g.contiguous(), u.contiguous())] {
             let got = swiglu(&g, &u).expect("swiglu").expect("applies").to_kind(Kind::Float);

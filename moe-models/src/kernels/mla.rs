@@ -202,7 +202,7 @@ pub fn mla_decode(a: &MlaDecode<'_>) -> Result<Option<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
+    use crate::kernels::gpu_test::{gpu, randn_bf16};
 
     /// On a GPU: the one-kernel MLA decode attention equals the libtorch absorbed path (q_nope x W_uk,
     /// concatenations, eager softmax attention, x W_uv) within bf16 rounding, with masked (-inf) slots
@@ -210,12 +210,11 @@ mod tests {
     #[test]
     #[ignore = "needs a CUDA device"]
     fn mla_decode_kernel_matches_the_absorbed_libtorch_path() {
-        let dev = Device::Cuda(0);
-        tch::manual_seed(9);
+        let dev = gpu(9);
         let (b, nh, t, nope, rope, rank, v) = (2i64, 16i64, 1i64, 128i64, 64i64, 512i64, 128i64);
         // 77 slots: splits of 16 slots; 1000: 32 splits of 32, whole splits masked in sequence 0.
         for s in [77i64, 1000] {
-            let bf = |sh: &[i64], sd: f64| (Tensor::randn(sh, (Kind::Float, dev)) * sd).to_kind(Kind::BFloat16);
+            let bf = |sh: &[i64], sd: f64| randn_bf16(sh, sd, dev);
             let q = bf(&[b, t, nh, nope + rope], 1.0).transpose(1, 2); // (b, nh, t, nope + rope), strided
             let q_nope = q.narrow(-1, 0, nope);
             let q_pe = q.narrow(-1, nope, rope).contiguous();
@@ -257,10 +256,9 @@ mod tests {
     fn mla_prep_matches_rope_norm_and_cache_write() {
         use crate::layers::rotary::{RopeSpec, RopeStyle, Rotary};
         use crate::layers::RmsNorm;
-        let dev = Device::Cuda(0);
-        tch::manual_seed(11);
+        let dev = gpu(11);
         let (nh, nope, rope, rank, v) = (16i64, 128i64, 64i64, 512i64, 128i64);
-        let bf = |sh: &[i64], sd: f64| (Tensor::randn(sh, (Kind::Float, dev)) * sd).to_kind(Kind::BFloat16);
+        let bf = |sh: &[i64], sd: f64| randn_bf16(sh, sd, dev);
         let rotary = Rotary::new(&RopeSpec { theta: 10000.0, yarn: None }, rope as usize, RopeStyle::Interleaved, dev).expect("rotary");
         let w_uk = bf(&[nh, nope, rank], 0.05);
         let w_uv_t = bf(&[nh, rank, v], 0.05);

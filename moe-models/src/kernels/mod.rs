@@ -23,6 +23,8 @@ mod argmax;
 mod fused_moe;
 mod gemv;
 mod gqa;
+#[cfg(test)]
+pub(crate) mod gpu_test;
 mod grouped;
 mod mla;
 mod rotary;

@@ -73,7 +73,7 @@ pub fn decode_plan(key_valid: &Tensor, next_pos: &Tensor, slots: &Tensor) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
+    use crate::kernels::gpu_test::gpu;
 
     /// On a GPU: the kernel's plan equals StepPlan's libtorch formulation for one token (index_copy of
     /// the slot, clamped positions, causal-or-self and valid keys as a -inf bias), with invalid keys
@@ -81,8 +81,7 @@ mod tests {
     #[test]
     #[ignore = "needs a CUDA device"]
     fn decode_plan_matches_the_libtorch_plan() {
-        let dev = Device::Cuda(0);
-        tch::manual_seed(5);
+        let dev = gpu(5);
         let (b, s, slot) = (3i64, 50i64, 20i64);
         let kv = Tensor::rand([b, s], (Kind::Float, dev)).gt(0.3);
         let np = Tensor::from_slice(&[7i64, 0, -2]).to_device(dev);

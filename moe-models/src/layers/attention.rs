@@ -449,14 +449,14 @@ impl SelfAttention for GqaAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::gpu_test::gpu;
 
     /// On a GPU: the fused (sdpa) path equals eager attention within bf16 rounding, for a plain causal
     /// prefill, a padded one (mask path), MLA's unequal q/v head sizes and a single shared key head.
     #[test]
     #[ignore = "needs a CUDA device"]
     fn fused_attention_matches_eager_on_the_gpu() {
-        let dev = Device::Cuda(0);
-        tch::manual_seed(3);
+        let dev = gpu(3);
         let (b, t) = (2i64, 37i64);
         let ids = Tensor::zeros([b, t], (Kind::Int64, dev));
         let pad = Tensor::ones([b, t], (Kind::Int64, dev));
