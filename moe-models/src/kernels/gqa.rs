@@ -91,7 +91,7 @@ pub fn gqa_decode(a: &GqaDecode<'_>) -> Result<Option<Tensor>> {
     };
     let splits = ((s + SPLIT_SLOTS - 1) / SPLIT_SLOTS).clamp(1, MAX_SPLITS);
     let per = (s + splits - 1) / splits;
-    let shared = (nh / kvh) * per * 4;
+    let shared = (nh / kvh + 1) * per * 4;
     if shared > 48 * 1024 {
         return Ok(None);
     }

@@ -13,7 +13,7 @@
 // Shapes: q (B, NH, D), k_new and v_new (B, KVH, D) bf16 contiguous; cos, sin (B, D / 2) f32; kc, vc (B, S,
 // KVH, D) bf16 contiguous (the cache); slots (1) i64; bias (B, S) f32. Scratch: part_o (B, NH, SP, D),
 // part_ml (B, NH, SP, 2) f32. Requirements (checked by the caller): D == GQA_D, REP <= GQA_MAX_REP, SP <= 32,
-// dynamic shared memory REP * per floats (per = ceil(S / SP)).
+// dynamic shared memory (REP + 1) * per floats (per = ceil(S / SP)).
 
 #define GQA_D 128
 
@@ -52,7 +52,7 @@ gqa_part(const bf16* __restrict__ q, const bf16* __restrict__ k_new, const bf16*
          const float* __restrict__ cos_t, const float* __restrict__ sin_t, int interleaved, bf16* __restrict__ kc,
          bf16* __restrict__ vc, const i64* __restrict__ slots, const float* __restrict__ bias,
          float* __restrict__ part_o, float* __restrict__ part_ml, int NH, int KVH, int S, int SP, float scale) {
-  extern __shared__ float sc[];                         // REP x per scores
+  extern __shared__ float sc[];                         // REP x per scores, then the split's per biases
   __shared__ __align__(16) float qs[GQA_MAX_REP][GQA_D];  // the roped queries of the group
   __shared__ __align__(16) bf16 kn[GQA_D], vn[GQA_D];   // the step's roped key and value
   __shared__ float mls[GQA_MAX_REP][2];
@@ -61,11 +61,24 @@ gqa_part(const bf16* __restrict__ q, const bf16* __restrict__ k_new, const bf16*
   const int REP = NH / KVH, per = (S + SP - 1) / SP;
   const int j0 = sp * per, j1 = min(S, j0 + per);
   const float* bs = bias + (i64)b * S;
-  // Before the wait: what the projections (the kernel before) do not write.
+  // Before the wait: what the projections (the kernel before) do not write. The step plan wrote the slot,
+  // the bias and cos/sin before them, and earlier steps the cache rows: the split's biases are copied
+  // into shared memory and its rows asked for into L2, so that after the wait no load waits on another
+  // and the rows come from L2, not HBM (the weights read since the last step have evicted them).
   const i64 slot = slots[0];
   const bool mine = slot >= j0 && slot < j1;  // this split writes the step's key and value
   const int half = GQA_D / 2;
   const float cs = tid < half ? cos_t[(i64)b * half + tid] : 0.f, sn = tid < half ? sin_t[(i64)b * half + tid] : 0.f;
+  float* bsm = sc + REP * per;
+  for (int j = j0 + tid; j < j1; j += GQA_THREADS) {
+    const float bv = bs[j];
+    bsm[j - j0] = bv;
+    if (bv != NEG_INF && j != slot) {  // a row is 256 bytes: two lines each of the key and the value
+      const i64 o = (((i64)b * S + j) * KVH + g) * GQA_D;
+      prefetch_l2(kc + o), prefetch_l2(kc + o + 64), prefetch_l2(vc + o), prefetch_l2(vc + o + 64);
+    }
+  }
+  __syncthreads();
   pdl_wait();  // q, k_new and v_new come from the projections
   pdl_release();
   // 1. The group's queries and (its split only) the new key, roped; the new value.
@@ -107,7 +120,7 @@ gqa_part(const bf16* __restrict__ q, const bf16* __restrict__ k_new, const bf16*
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       const int j = jb + u;
-      bj[u] = j < j1 ? bs[j] : NEG_INF;
+      bj[u] = j < j1 ? bsm[j - j0] : NEG_INF;
       kv[u] = make_uint2(0, 0);
       if (bj[u] != NEG_INF)
         kv[u] = j == slot ? *reinterpret_cast<const uint2*>(kn + lane * 4)
@@ -154,7 +167,7 @@ gqa_part(const bf16* __restrict__ q, const bf16* __restrict__ k_new, const bf16*
     for (int u = 0; u < 16; ++u) {
       const int j = jb + u;
       v[u] = 0.f;
-      if (j < j1 && bs[j] != NEG_INF) v[u] = j == slot ? bf(vn[tid]) : bf(vc[(((i64)b * S + j) * KVH + g) * GQA_D + tid]);
+      if (j < j1 && bsm[j - j0] != NEG_INF) v[u] = j == slot ? bf(vn[tid]) : bf(vc[(((i64)b * S + j) * KVH + g) * GQA_D + tid]);
     }
 #pragma unroll
     for (int r = 0; r < GQA_MAX_REP; ++r) {
