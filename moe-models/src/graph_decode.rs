@@ -217,37 +217,50 @@ mod tests {
 
     /// On a GPU: the grouped-query decode kernels (`kernels::gqa_decode`, which need 128-wide heads: the
     /// committed tiny checkpoints' are 48 wide) inside whole decode steps give the logits of the libtorch
-    /// path, and the captured graph decodes the same tokens as the same steps run eagerly: a Mixtral-shaped
-    /// model with random weights, two 128-wide query heads per key/value head. Bound as in
-    /// `fused_norms_and_residuals_match_libtorch_ops_on_the_gpu`.
+    /// path, and the captured graph decodes the same tokens as the same steps run eagerly: models with
+    /// random weights and 128-wide heads, Mixtral-shaped (two query heads per key/value head),
+    /// OLMoE-shaped (multi-head, the QK-norm over the whole projection inside the kernels) and
+    /// Qwen3-MoE-shaped (two query heads per key/value head, the QK-norm per head inside the kernels).
+    /// Bound as in `fused_norms_and_residuals_match_libtorch_ops_on_the_gpu`.
     #[test]
     #[ignore = "needs a CUDA device"]
     fn gqa_decode_steps_match_libtorch_and_the_graph_on_the_gpu() {
         let dev = Device::Cuda(0);
-        let dir = std::env::temp_dir().join(format!("alloc-moe-gqa-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let config = serde_json::json!({
-            "model_type": "mixtral", "hidden_size": 256, "intermediate_size": 128, "num_attention_heads": 2,
-            "num_key_value_heads": 1, "num_hidden_layers": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
-            "vocab_size": 512, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
-            "eos_token_id": 0, "bos_token_id": 0, "tie_word_embeddings": false
+        let common = serde_json::json!({
+            "hidden_size": 256, "num_hidden_layers": 2, "num_experts_per_tok": 2, "vocab_size": 512,
+            "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "eos_token_id": 0,
+            "bos_token_id": 0, "tie_word_embeddings": false
         });
-        std::fs::write(dir.join("config.json"), config.to_string()).expect("write config");
-        let model = crate::load_random(&dir.join("config.json"), dev, Kind::BFloat16, 0.05, 7).expect("random model");
-        let _ = std::fs::remove_dir_all(&dir);
-        let policy = DeviceTopK { k: 2 };
-        let prompt = Tensor::from_slice2(&[[5i64, 17, 300, 42, 7, 99, 100, 3]]).to_device(dev);
-        fused_steps_match_plain(&model, "mixtral-shaped, 128-wide heads", &prompt);
-        // The graph against the same kernels run eagerly (a preallocated cache, so that both take them).
-        let want = eager_in(&model, &prompt, 10, Dispatch::Auto, KvCache::with_capacity(32));
-        let mut ctx = ForwardCtx::new(&policy);
-        let mut dec = GraphDecoder::new(&model, &prompt, 32, &mut ctx).expect("capture");
-        let mut got = vec![dec.tokens().int64_value(&[0, 0])];
-        for _ in 0..10 {
-            dec.step().expect("step");
-            got.push(dec.tokens().int64_value(&[0, 0]));
+        let shapes = [
+            ("mixtral", serde_json::json!({"intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "num_local_experts": 4})),
+            ("olmoe", serde_json::json!({"intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 2, "num_experts": 4,
+                "clip_qkv": null, "norm_topk_prob": false})),
+            ("qwen3_moe", serde_json::json!({"intermediate_size": 256, "moe_intermediate_size": 128, "head_dim": 128, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "num_experts": 4, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": true})),
+        ];
+        for (family, extra) in shapes {
+            let mut config = common.clone();
+            config["model_type"] = family.into();
+            config.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
+            let dir = std::env::temp_dir().join(format!("alloc-moe-gqa-{family}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            std::fs::write(dir.join("config.json"), config.to_string()).expect("write config");
+            let model = crate::load_random(&dir.join("config.json"), dev, Kind::BFloat16, 0.05, 7).expect("random model");
+            let _ = std::fs::remove_dir_all(&dir);
+            let policy = DeviceTopK { k: 2 };
+            let prompt = Tensor::from_slice2(&[[5i64, 17, 300, 42, 7, 99, 100, 3]]).to_device(dev);
+            fused_steps_match_plain(&model, &format!("{family}-shaped, 128-wide heads"), &prompt);
+            // The graph against the same kernels run eagerly (a preallocated cache, so that both take them).
+            let want = eager_in(&model, &prompt, 10, Dispatch::Auto, KvCache::with_capacity(32));
+            let mut ctx = ForwardCtx::new(&policy);
+            let mut dec = GraphDecoder::new(&model, &prompt, 32, &mut ctx).expect("capture");
+            let mut got = vec![dec.tokens().int64_value(&[0, 0])];
+            for _ in 0..10 {
+                dec.step().expect("step");
+                got.push(dec.tokens().int64_value(&[0, 0]));
+            }
+            assert_eq!(got, want, "{family}");
         }
-        assert_eq!(got, want);
     }
 
     /// On a GPU: `Model::generate_greedy` (through the CUDA graph when no trace is recorded) gives the ids of

@@ -19,12 +19,26 @@ const MAX_REP: i64 = 8;
 const MAX_SPLITS: i64 = 32;
 const SPLIT_SLOTS: i64 = 16;
 
+/// A QK-norm for [`gqa_decode`] to apply to the queries and the new key before the rotary embedding (an
+/// RMSNorm with transformers' rounding; see `layers::qk_norm`).
+#[derive(Debug, Clone, Copy)]
+pub struct GqaQkNorm<'a> {
+    /// `q_norm`'s weight, bf16: `(d)` per head, or `(heads * d)` over the whole projection.
+    pub q: &'a Tensor,
+    /// `k_norm`'s weight, bf16: `(d)` per head, or `(kv_heads * d)` over the whole projection.
+    pub k: &'a Tensor,
+    /// Added to the mean square.
+    pub eps: f64,
+    /// Each head over its `d` values (Qwen3-MoE), or the whole projection (OLMoE).
+    pub per_head: bool,
+}
+
 /// Inputs of [`gqa_decode`]: one new token per sequence, before its rotary embedding.
 #[derive(Debug, Clone, Copy)]
 pub struct GqaDecode<'a> {
-    /// `(b, 1, heads, d)` bf16: the queries (after any QK-norm), not yet roped.
+    /// `(b, 1, heads, d)` bf16: the queries, not yet roped (nor normalised, when `qk_norm` is given).
     pub q: &'a Tensor,
-    /// `(b, 1, kv_heads, d)` bf16: the step's key, not yet roped.
+    /// `(b, 1, kv_heads, d)` bf16: the step's key, not yet roped (nor normalised, when `qk_norm` is given).
     pub k: &'a Tensor,
     /// `(b, 1, kv_heads, d)` bf16: the step's value.
     pub v: &'a Tensor,
@@ -44,6 +58,8 @@ pub struct GqaDecode<'a> {
     pub bias: &'a Tensor,
     /// The softmax scale.
     pub scale: f64,
+    /// A QK-norm the kernels apply first, if any.
+    pub qk_norm: Option<GqaQkNorm<'a>>,
 }
 
 /// Attention of one new token per sequence over the cache, writing its roped key and value into slot
@@ -82,7 +98,11 @@ pub fn gqa_decode(a: &GqaDecode<'_>) -> Result<Option<Tensor>> {
         && a.bias.device() == device
         && a.bias.size() == [b, 1, 1, s]
         && a.bias.is_contiguous()
-        && b <= 65535;
+        && b <= 65535
+        && a.qk_norm.is_none_or(|n| {
+            let (qw, kw) = if n.per_head { (d, d) } else { (nh * d, kvh * d) };
+            bf16_on(n.q) && bf16_on(n.k) && n.q.size() == [qw] && n.k.size() == [kw] && n.q.is_contiguous() && n.k.is_contiguous()
+        });
     if !ok {
         return Ok(None);
     }
@@ -104,6 +124,8 @@ pub fn gqa_decode(a: &GqaDecode<'_>) -> Result<Option<Tensor>> {
         Arg::Tensor(&q), Arg::Tensor(&kn), Arg::Tensor(&vn), Arg::Tensor(a.cos), Arg::Tensor(a.sin), Arg::I32(a.interleaved as i32),
         Arg::Tensor(a.k_cache), Arg::Tensor(a.v_cache), Arg::Tensor(a.slot), Arg::Tensor(a.bias), Arg::Tensor(&part_o),
         Arg::Tensor(&part_ml), Arg::I32(nh32), Arg::I32(kvh as i32), Arg::I32(s as i32), Arg::I32(sp32), Arg::F32(a.scale as f32),
+        a.qk_norm.map_or(Arg::I64(0), |n| Arg::Tensor(n.q)), a.qk_norm.map_or(Arg::I64(0), |n| Arg::Tensor(n.k)),
+        Arg::F32(a.qk_norm.map_or(0.0, |n| n.eps as f32)), Arg::I32(a.qk_norm.map_or(0, |n| if n.per_head { 1 } else { 2 })),
     ];
     launch_dependent(k[0], [kvh as u32, splits as u32, b as u32], [128, 1, 1], shared as u32, &part)?;
     let merge = [Arg::Tensor(&part_o), Arg::Tensor(&part_ml), Arg::Tensor(&out), Arg::I32(nh32), Arg::I32(sp32)];
@@ -120,21 +142,43 @@ mod tests {
 
     /// On a GPU: the two kernels equal libtorch's rotary, cache index_copy and eager attention with the
     /// key/value heads repeated (bf16 tolerance), and leave the same cache: multi-head and grouped heads,
-    /// two sequences, masked slots, short and long caches, both rotary pairings.
+    /// two sequences, masked slots, short and long caches, both rotary pairings; and with a QK-norm
+    /// applied by the kernels (per head as Qwen3-MoE, over the projection as OLMoE) against transformers'
+    /// RMSNorm formula before the rotary (cache entries then within one bf16 rounding).
     #[test]
     #[ignore = "needs a CUDA device"]
     fn gqa_decode_matches_rotary_cache_write_and_eager_attention() {
         let dev = gpu(5);
         let d = 128i64;
         let bf = |sh: &[i64], sd: f64| randn_bf16(sh, sd, dev);
-        for (b, nh, kvh, s, slot, style) in [
-            (1i64, 16i64, 16i64, 96i64, 40i64, RopeStyle::HalfSplit),
-            (2, 32, 8, 161, 100, RopeStyle::HalfSplit),
-            (1, 32, 4, 1500, 1200, RopeStyle::HalfSplit),
-            (2, 8, 1, 70, 69, RopeStyle::Interleaved),
+        // transformers' RMSNorm: normalised in f32, rounded to bf16, times the bf16 weight (rounded again).
+        let tf_norm = |x: &Tensor, w: &Tensor| {
+            let xf = x.to_kind(Kind::Float);
+            let r = (xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float) + 1e-6).rsqrt();
+            (xf * r).to_kind(Kind::BFloat16) * w
+        };
+        // qk: 0 none, 1 per head, 2 over the whole projection.
+        for (b, nh, kvh, s, slot, style, qk) in [
+            (1i64, 16i64, 16i64, 96i64, 40i64, RopeStyle::HalfSplit, 0),
+            (2, 32, 8, 161, 100, RopeStyle::HalfSplit, 0),
+            (1, 32, 4, 1500, 1200, RopeStyle::HalfSplit, 0),
+            (2, 8, 1, 70, 69, RopeStyle::Interleaved, 0),
+            (2, 32, 4, 161, 100, RopeStyle::HalfSplit, 1),
+            (1, 16, 16, 96, 40, RopeStyle::HalfSplit, 2),
+            (2, 16, 4, 70, 33, RopeStyle::Interleaved, 2),
         ] {
             let rotary = Rotary::new(&RopeSpec { theta: 10000.0, yarn: None }, d as usize, style, dev).expect("rotary");
-            let (q, k, v) = (bf(&[b, 1, nh, d], 1.0), bf(&[b, 1, kvh, d], 1.0), bf(&[b, 1, kvh, d], 1.0));
+            let (q_raw, k_raw, v) = (bf(&[b, 1, nh, d], 1.0), bf(&[b, 1, kvh, d], 1.0), bf(&[b, 1, kvh, d], 1.0));
+            let (qw, kw) = if qk == 1 { (d, d) } else { (nh * d, kvh * d) };
+            let (q_w, k_w) = (bf(&[qw], 0.3) + 1.0, bf(&[kw], 0.3) + 1.0);
+            let (q, k) = match qk {
+                0 => (q_raw.shallow_clone(), k_raw.shallow_clone()),
+                1 => (tf_norm(&q_raw, &q_w), tf_norm(&k_raw, &k_w)),
+                _ => (
+                    tf_norm(&q_raw.reshape([b, 1, nh * d]), &q_w).reshape([b, 1, nh, d]),
+                    tf_norm(&k_raw.reshape([b, 1, kvh * d]), &k_w).reshape([b, 1, kvh, d]),
+                ),
+            };
             let (cos, sin) = rotary.cos_sin(&Tensor::full([b, 1], slot + 3, (Kind::Int64, dev))).expect("cos sin");
             let slots = Tensor::full([1], slot, (Kind::Int64, dev));
             let (kc0, vc0) = (bf(&[b, s, kvh, d], 1.0), bf(&[b, s, kvh, d], 1.0));
@@ -153,16 +197,23 @@ mod tests {
             let want = eager_attention(&qr, &rep(&kc1), &rep(&vc1), &bias, scale).expect("eager").transpose(1, 2).reshape([b, 1, nh * d]);
             // The kernels.
             let (kc2, vc2) = (kc0.copy(), vc0.copy());
+            let qk_norm = (qk != 0).then_some(GqaQkNorm { q: &q_w, k: &k_w, eps: 1e-6, per_head: qk == 1 });
+            let (q_in, k_in) = if qk == 0 { (&q, &k) } else { (&q_raw, &k_raw) };
             let call = GqaDecode {
-                q: &q, k: &k, v: &v, cos: &cos, sin: &sin, interleaved: style == RopeStyle::Interleaved, k_cache: &kc2,
-                v_cache: &vc2, slot: &slots, bias: &bias, scale,
+                q: q_in, k: k_in, v: &v, cos: &cos, sin: &sin, interleaved: style == RopeStyle::Interleaved, k_cache: &kc2,
+                v_cache: &vc2, slot: &slots, bias: &bias, scale, qk_norm,
             };
             let got = gqa_decode(&call).expect("gqa").expect("applies");
             let diff = |x: &Tensor, y: &Tensor| (x.to_kind(Kind::Float) - y.to_kind(Kind::Float)).abs().max().double_value(&[]);
             let (err, mag) = (diff(&got, &want), want.to_kind(Kind::Float).abs().max().double_value(&[]));
             let (ke, ve) = (diff(&kc2, &kc1), diff(&vc2, &vc1));
-            eprintln!("b {b}, heads {nh}/{kvh}, {s} slots: cache |kernel - libtorch| keys {ke:.3e}, values {ve:.3e}; output {err:.3e} (of {mag:.3e})");
-            assert!(ke == 0.0 && ve == 0.0, "cache {ke} {ve}");
+            eprintln!("b {b}, heads {nh}/{kvh}, {s} slots, qk-norm {qk}: cache |kernel - libtorch| keys {ke:.3e}, values {ve:.3e}; output {err:.3e} (of {mag:.3e})");
+            // Keys: identical without a QK-norm; with one, within one bf16 rounding (sums in another order).
+            let steps = ((kc2.to_kind(Kind::Float) - kc1.to_kind(Kind::Float)).abs()
+                - kc2.to_kind(Kind::Float).abs().maximum(&kc1.to_kind(Kind::Float).abs()) * (1.0 / 128.0))
+                .max()
+                .double_value(&[]);
+            assert!(ve == 0.0 && (ke == 0.0 || (qk != 0 && steps <= 1e-6)), "cache {ke} {ve}");
             assert!(err <= 0.02 * mag + 2e-3, "{err} vs {mag}");
         }
     }

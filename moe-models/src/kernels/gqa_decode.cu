@@ -9,6 +9,11 @@
 //             m = max_j s_j, l = sum_j exp(s_j - m), o = sum_j exp(s_j - m) v_j, s_j = scale q.k_j + bias_j.
 //   gqa_out   grid (NH, B), block 128: merges the splits (weights exp(m - M) / L) into out (B, NH * D) bf16.
 // Slots whose bias is -inf (unwritten capacity, padding, the window) are neither scored nor read.
+// With qk_scope != 0, gqa_part first applies the family's QK-norm to q and the new key (an RMSNorm with
+// transformers' rounding: bf16 after the normalisation, bf16 after the weight): qk_scope 1 normalises
+// each head over its D values with weights qn_w, kn_w (D) (Qwen3-MoE), qk_scope 2 the whole projection,
+// q over NH * D and k over KVH * D with weights of those widths (OLMoE; every block sums the squares of
+// the whole q and k itself). It replaces the libtorch norms' kernels between the projections and gqa_part.
 //
 // Shapes: q (B, NH, D), k_new and v_new (B, KVH, D) bf16 contiguous; cos, sin (B, D / 2) f32; kc, vc (B, S,
 // KVH, D) bf16 contiguous (the cache); slots (1) i64; bias (B, S) f32. Scratch: part_o (B, NH, SP, D),
@@ -51,11 +56,13 @@ extern "C" __global__ void __launch_bounds__(GQA_THREADS)
 gqa_part(const bf16* __restrict__ q, const bf16* __restrict__ k_new, const bf16* __restrict__ v_new,
          const float* __restrict__ cos_t, const float* __restrict__ sin_t, int interleaved, bf16* __restrict__ kc,
          bf16* __restrict__ vc, const i64* __restrict__ slots, const float* __restrict__ bias,
-         float* __restrict__ part_o, float* __restrict__ part_ml, int NH, int KVH, int S, int SP, float scale) {
+         float* __restrict__ part_o, float* __restrict__ part_ml, int NH, int KVH, int S, int SP, float scale,
+         const bf16* __restrict__ qn_w, const bf16* __restrict__ kn_w, float qk_eps, int qk_scope) {
   extern __shared__ float sc[];                         // REP x per scores, then the split's per biases
   __shared__ __align__(16) float qs[GQA_MAX_REP][GQA_D];  // the roped queries of the group
   __shared__ __align__(16) bf16 kn[GQA_D], vn[GQA_D];   // the step's roped key and value
   __shared__ float mls[GQA_MAX_REP][2];
+  __shared__ float qk_red[GQA_MAX_REP + 1][GQA_THREADS / 32];  // QK-norm: the warps' sums of squares
   const int g = blockIdx.x, sp = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int REP = NH / KVH, per = (S + SP - 1) / SP;
@@ -95,6 +102,53 @@ gqa_part(const bf16* __restrict__ q, const bf16* __restrict__ k_new, const bf16*
     const bf16* kr = k_new + ((i64)b * KVH + g) * GQA_D;
     if (mine && tid < half) k0 = bf(kr[i0]), k1 = bf(kr[i1]);
     const bf16 vv = mine ? v_new[((i64)b * KVH + g) * GQA_D + tid] : (bf16)0;
+    if (qk_scope != 0) {  // each head's (or the whole projection's) sum of squares, then the norm
+      float pq[GQA_MAX_REP + 1];
+#pragma unroll
+      for (int r = 0; r < GQA_MAX_REP; ++r) pq[r] = x0[r] * x0[r] + x1[r] * x1[r];
+      pq[GQA_MAX_REP] = k0 * k0 + k1 * k1;
+      if (qk_scope == 2) {
+        const bf16* qb = q + (i64)b * NH * GQA_D;
+        const bf16* kb = k_new + (i64)b * KVH * GQA_D;
+        pq[0] = pq[GQA_MAX_REP] = 0.f;
+        for (int i = tid * 8; i < NH * GQA_D; i += GQA_THREADS * 8) {
+          const uint4 v = *reinterpret_cast<const uint4*>(qb + i);
+          pq[0] += dot8(v, v);
+        }
+        for (int i = tid * 8; i < KVH * GQA_D; i += GQA_THREADS * 8) {
+          const uint4 v = *reinterpret_cast<const uint4*>(kb + i);
+          pq[GQA_MAX_REP] += dot8(v, v);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r <= GQA_MAX_REP; ++r) {
+        const float t = warp_sum(pq[r]);
+        if (lane == 0) qk_red[r][warp] = t;
+      }
+      __syncthreads();
+      const float wq = qk_scope == 1 ? GQA_D : NH * GQA_D, wk = qk_scope == 1 ? GQA_D : KVH * GQA_D;
+      auto inv = [&](int r, float width) {
+        float t = 0.f;
+#pragma unroll
+        for (int w = 0; w < GQA_THREADS / 32; ++w) t += qk_red[r][w];
+        return rsqrtf(t / width + qk_eps);
+      };
+      auto norm = [](float x, float iv, bf16 w) { return bf(to_bf16(bf(w) * bf(to_bf16(x * iv)))); };
+      if (tid < half) {
+#pragma unroll
+        for (int r = 0; r < GQA_MAX_REP; ++r)
+          if (r < REP) {
+            const float iv = inv(qk_scope == 1 ? r : 0, wq);
+            const bf16* w = qn_w + (qk_scope == 1 ? 0 : (g * REP + r) * GQA_D);
+            x0[r] = norm(x0[r], iv, w[i0]), x1[r] = norm(x1[r], iv, w[i1]);
+          }
+        if (mine) {
+          const float iv = inv(GQA_MAX_REP, wk);
+          const bf16* w = kn_w + (qk_scope == 1 ? 0 : g * GQA_D);
+          k0 = norm(k0, iv, w[i0]), k1 = norm(k1, iv, w[i1]);
+        }
+      }
+    }
     if (tid < half) {
 #pragma unroll
       for (int r = 0; r < GQA_MAX_REP; ++r)

@@ -41,7 +41,7 @@ pub use fused_moe::{
 };
 pub use argmax::argmax;
 pub use gemv::{project, Project, Projection, PROJECT_MAX_TOKENS};
-pub use gqa::{gqa_decode, GqaDecode};
+pub use gqa::{gqa_decode, GqaDecode, GqaQkNorm};
 pub use grouped::{moe_combine, swiglu};
 pub use mla::{mla_decode, MlaDecode, MlaPrep, MLA_DECODE_MAX_QUERIES};
 pub use rotary::rotary;

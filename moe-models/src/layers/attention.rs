@@ -331,7 +331,8 @@ impl GqaAttention {
     }
 
     /// [`Self::project`] of `norm(x)` with the norm and the three projections in one kernel
-    /// (`kernels::project`); `None` when that kernel does not apply.
+    /// (`kernels::project`), before the QK-norm and clipping ([`Self::normalize_heads`]); `None` when
+    /// that kernel does not apply.
     fn project_fused(&self, x: &Tensor, norm: &RmsNorm, b: i64, t: i64) -> Result<Option<(Tensor, Tensor, Tensor)>> {
         let qkv = [self.q_proj.projection(), self.k_proj.projection(), self.v_proj.projection()];
         let Some(mut outs) = project(&Project { x, norm: Some((&norm.weight, norm.eps)), projections: &qkv, residual: None })? else {
@@ -340,20 +341,31 @@ impl GqaAttention {
         let v = outs.pop().expect("three projections");
         let k = outs.pop().expect("three projections");
         let q = outs.pop().expect("three projections");
-        self.split_heads(q, k, v, b, t).map(Some)
+        self.heads(q, k, v, b, t).map(Some)
     }
 
     /// The projections' outputs `(b, t, heads * d)`, `(b, t, kv_heads * d)` x 2 as heads, with the
     /// optional QK-norm (before or after the split) and clipping.
-    fn split_heads(&self, mut q: Tensor, mut k: Tensor, v: Tensor, b: i64, t: i64) -> Result<(Tensor, Tensor, Tensor)> {
+    fn split_heads(&self, q: Tensor, k: Tensor, v: Tensor, b: i64, t: i64) -> Result<(Tensor, Tensor, Tensor)> {
+        self.normalize_heads(self.heads(q, k, v, b, t)?)
+    }
+
+    /// The projections' outputs as heads: q `(b, t, heads, d)`, k and v `(b, t, kv_heads, d)`.
+    fn heads(&self, q: Tensor, k: Tensor, v: Tensor, b: i64, t: i64) -> Result<(Tensor, Tensor, Tensor)> {
         let GqaShape { heads, kv_heads, head_dim, .. } = self.shape;
-        if let Some(n) = &self.qk_norm {
-            (q, k) = n.apply(QkNormScope::Projection, q, k)?;
+        Ok((q.f_reshape([b, t, heads, head_dim])?, k.f_reshape([b, t, kv_heads, head_dim])?, v.f_reshape([b, t, kv_heads, head_dim])?))
+    }
+
+    /// The optional QK-norm and clipping of heads-shaped q, k, v: the norm over the whole projection
+    /// (OLMoE), the clipping, then the norm per head (Qwen3-MoE), as the families order them.
+    fn normalize_heads(&self, (mut q, mut k, v): (Tensor, Tensor, Tensor)) -> Result<(Tensor, Tensor, Tensor)> {
+        let GqaShape { heads, kv_heads, head_dim, .. } = self.shape;
+        if let Some(n) = self.qk_norm.as_ref().filter(|n| n.scope == QkNormScope::Projection) {
+            let (b, t) = (q.size()[0], q.size()[1]);
+            let (qf, kf) = n.apply(QkNormScope::Projection, q.f_reshape([b, t, heads * head_dim])?, k.f_reshape([b, t, kv_heads * head_dim])?)?;
+            (q, k) = (qf.f_reshape([b, t, heads, head_dim])?, kf.f_reshape([b, t, kv_heads, head_dim])?);
         }
         let [q, k, v] = qk_norm::clip(self.clip_qkv, [q, k, v])?;
-        let q = q.f_reshape([b, t, heads, head_dim])?; // (b, t, nh, d)
-        let k = k.f_reshape([b, t, kv_heads, head_dim])?; // (b, t, kvh, d)
-        let v = v.f_reshape([b, t, kv_heads, head_dim])?; // (b, t, kvh, d)
         match &self.qk_norm {
             Some(n) => {
                 let (q, k) = n.apply(QkNormScope::Head, q, k)?;
@@ -366,7 +378,7 @@ impl GqaAttention {
     /// Rotary, the cache and attention for q `(b, t, heads, d)`, k and v `(b, t, kv_heads, d)`: `(b, t,
     /// heads * d)`, before `o_proj`.
     fn attend(&self, layer: usize, (q, k, v): (Tensor, Tensor, Tensor), step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
-        if let Some(out) = self.attend_one_token(layer, &q, &k, &v, step, ctx)? {
+        if let Some(out) = self.attend_one_token(layer, (&q, &k, &v), None, step, ctx)? {
             return Ok(out);
         }
         let GqaShape { heads, head_dim, .. } = self.shape;
@@ -386,14 +398,44 @@ impl GqaAttention {
         (self.shape.head_dim as f64).powf(-0.5)
     }
 
+    /// [`Self::attend`] of heads before their QK-norm and clipping ([`Self::project_fused`]'s): for one
+    /// token, the attention kernels apply the QK-norm themselves (when there is no clipping); otherwise
+    /// the norm runs first.
+    fn attend_unnormalized(&self, layer: usize, qkv: (Tensor, Tensor, Tensor), step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Tensor> {
+        if self.clip_qkv.is_none() {
+            if let Some(out) = self.attend_one_token(layer, (&qkv.0, &qkv.1, &qkv.2), self.qk_norm.as_ref(), step, ctx)? {
+                return Ok(out);
+            }
+        }
+        self.attend(layer, self.normalize_heads(qkv)?, step, ctx)
+    }
+
     /// [`Self::attend`] for one new token per sequence into a preallocated cache on CUDA bf16 (and
     /// `ctx.fuse_decode`): the rotary embedding, the cache write and the attention in two kernels
-    /// (`kernels::gqa_decode`) instead of about ten libtorch ones; `None` where they do not apply.
-    fn attend_one_token(&self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, step: &Step<'_>, ctx: &mut ForwardCtx<'_>) -> Result<Option<Tensor>> {
+    /// (`kernels::gqa_decode`) instead of about ten libtorch ones, with `qk` (a QK-norm still to apply to
+    /// q and k) applied by the kernels too; `None` where they do not apply (nothing written then).
+    fn attend_one_token(
+        &self,
+        layer: usize,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        qk: Option<&QkNorm>,
+        step: &Step<'_>,
+        ctx: &mut ForwardCtx<'_>,
+    ) -> Result<Option<Tensor>> {
         let head_dim = self.shape.head_dim;
         if !ctx.fuse_decode || step.plan.t != 1 || step.rotary.dim as i64 != head_dim || !q.device().is_cuda() {
             return Ok(None);
         }
+        // One epsilon for both norms (the families take both from rms_norm_eps).
+        if qk.is_some_and(|n| n.q_norm.eps != n.k_norm.eps) {
+            return Ok(None);
+        }
+        let qk_norm = qk.map(|n| crate::kernels::GqaQkNorm {
+            q: &n.q_norm.weight,
+            k: &n.k_norm.weight,
+            eps: n.q_norm.eps,
+            per_head: n.scope == QkNormScope::Head,
+        });
         let Some(cache) = ctx.cache.as_deref_mut() else { return Ok(None) };
         let Some((k_cache, v_cache, slot)) = cache.buffers(layer, k, v)? else { return Ok(None) };
         let call = crate::kernels::GqaDecode {
@@ -408,6 +450,7 @@ impl GqaAttention {
             slot: &slot,
             bias: step.bias(self.sliding),
             scale: self.scale(),
+            qk_norm,
         };
         crate::kernels::gqa_decode(&call)
     }
@@ -441,7 +484,7 @@ impl SelfAttention for GqaAttention {
         let fused = if ctx.fuse_decode { self.project_fused(x, norm, step.plan.b, step.plan.t)? } else { None };
         let Some(qkv) = fused else { return residual_unfused(self, layer, x, norm, step, ctx) };
         let _span = tracing::trace_span!("attn", layer).entered();
-        let out = self.attend(layer, qkv, step, ctx)?;
+        let out = self.attend_unnormalized(layer, qkv, step, ctx)?;
         self.o_proj.forward_add(&out, x).ctx(format!("layers.{layer}.self_attn"))
     }
 }
