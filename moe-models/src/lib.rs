@@ -49,6 +49,7 @@
 
 pub mod cache;
 pub mod ctx;
+pub mod decode_weights;
 pub mod deepseek_v2;
 pub mod error;
 pub mod graph_decode;
@@ -70,6 +71,7 @@ pub use tch;
 
 pub use cache::KvCache;
 pub use ctx::{Dispatch, ForwardCtx, LayerRoute, MlaPath, Renormalize, RoutingTrace};
+pub use decode_weights::DecodeWeights;
 pub use error::{Error, Result};
 pub use graph_decode::GraphDecoder;
 pub use loader::load_tokenizer;

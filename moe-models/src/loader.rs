@@ -259,6 +259,8 @@ pub struct VarBuilder<'a> {
     prefix: String,
     kind: Kind,
     device: Device,
+    /// Bytes of every tensor handed out so far, shared by the builder and every `pp` below it.
+    bytes: std::rc::Rc<std::cell::Cell<u64>>,
 }
 
 impl std::fmt::Debug for VarBuilder<'_> {
@@ -270,13 +272,13 @@ impl std::fmt::Debug for VarBuilder<'_> {
 impl<'a> VarBuilder<'a> {
     /// A builder at the checkpoint root producing `kind` tensors on `device`.
     pub fn new(ckpt: &'a Checkpoint, kind: Kind, device: Device) -> Self {
-        Self { source: Source::Checkpoint(ckpt), prefix: String::new(), kind, device }
+        Self { source: Source::Checkpoint(ckpt), prefix: String::new(), kind, device, bytes: Default::default() }
     }
 
     /// A builder producing random tensors (norm weights ones, others `N(0, std^2)`) instead of reading
     /// a checkpoint: real shapes for speed measurements. Seed with `tch::manual_seed`.
     pub fn random(std: f64, kind: Kind, device: Device) -> VarBuilder<'static> {
-        VarBuilder { source: Source::Random { std }, prefix: String::new(), kind, device }
+        VarBuilder { source: Source::Random { std }, prefix: String::new(), kind, device, bytes: Default::default() }
     }
 
     /// Succeed only if every checkpoint tensor has been consumed (always true for a random source).
@@ -326,8 +328,19 @@ impl<'a> VarBuilder<'a> {
         self.get_kind(leaf, shape, self.kind)
     }
 
+    /// Bytes of every tensor this builder (and the builders `pp` made from it, or it from) handed out.
+    pub fn bytes_loaded(&self) -> u64 {
+        self.bytes.get()
+    }
+
     /// Load `leaf` in a given dtype (router weights are kept in f32), checking its shape.
     pub fn get_kind(&self, leaf: &str, shape: &[i64], kind: Kind) -> Result<Tensor> {
+        let t = self.fetch(leaf, shape, kind)?;
+        self.bytes.set(self.bytes.get() + t.numel() as u64 * kind.elt_size_in_bytes() as u64);
+        Ok(t)
+    }
+
+    fn fetch(&self, leaf: &str, shape: &[i64], kind: Kind) -> Result<Tensor> {
         match self.source {
             Source::Checkpoint(c) => c.load(&self.name(leaf), shape, kind, self.device),
             Source::Random { std } => {

@@ -43,6 +43,8 @@ pub struct ModelInfo {
     pub kind: Kind,
     /// Device.
     pub device: Device,
+    /// Bytes of every weight the model holds, as loaded (the compute dtype; routers in f32).
+    pub weight_bytes: u64,
 }
 
 impl ModelInfo {
@@ -102,7 +104,21 @@ fn build(config_path: &Path, root: &VarBuilder<'_>) -> Result<Model> {
     check_sizes(&read_json(config_path)?)?;
     let ty: ModelType = read_json(config_path)?;
     let ty = ty.model_type.ok_or_else(|| Error::Config { key: "model_type".into(), msg: "missing".into() })?;
-    Ok(match ty.as_str() {
+    let mut model = build_family(&ty, config_path, root)?;
+    let bytes = root.bytes_loaded();
+    match &mut model {
+        Model::DeepseekV2(m) => m.decoder.info.weight_bytes = bytes,
+        Model::Qwen2Moe(m) => m.decoder.info.weight_bytes = bytes,
+        Model::Mixtral(m) => m.decoder.info.weight_bytes = bytes,
+        Model::Olmoe(m) => m.decoder.info.weight_bytes = bytes,
+        Model::Qwen3Moe(m) => m.decoder.info.weight_bytes = bytes,
+    }
+    Ok(model)
+}
+
+/// The family `ty` names, built from `root` with `config_path`'s config.
+fn build_family(ty: &str, config_path: &Path, root: &VarBuilder<'_>) -> Result<Model> {
+    Ok(match ty {
         "deepseek_v2" => Model::DeepseekV2(Box::new(deepseek_v2::Model::load(read_json(config_path)?, root)?)),
         "qwen2_moe" => Model::Qwen2Moe(Box::new(qwen2_moe::Model::load(read_json(config_path)?, root)?)),
         "mixtral" => Model::Mixtral(Box::new(mixtral::Model::load(read_json(config_path)?, root)?)),
@@ -151,6 +167,30 @@ impl Model {
             Model::Olmoe(m) => m.decoder.forward_hidden(ids, ctx),
             Model::Qwen3Moe(m) => m.decoder.forward_hidden(ids, ctx),
         }
+    }
+
+    /// The weight bytes a batch-1 decode step reads at a given number of routed activations per token
+    /// ([`crate::DecodeWeights`]): every weight the model holds but the token embedding table (unless
+    /// the LM head shares it) and the routed experts, plus one routed expert per activation.
+    pub fn decode_weights(&self) -> crate::DecodeWeights {
+        let (embed, head) = match self {
+            Model::DeepseekV2(m) => (&m.decoder.embed_tokens, &m.decoder.lm_head),
+            Model::Qwen2Moe(m) => (&m.decoder.embed_tokens, &m.decoder.lm_head),
+            Model::Mixtral(m) => (&m.decoder.embed_tokens, &m.decoder.lm_head),
+            Model::Olmoe(m) => (&m.decoder.embed_tokens, &m.decoder.lm_head),
+            Model::Qwen3Moe(m) => (&m.decoder.embed_tokens, &m.decoder.lm_head),
+        };
+        let bytes = |t: &Tensor| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64;
+        let embed_bytes = if embed.data_ptr() == head.data_ptr() { 0 } else { bytes(embed) };
+        let blocks = self.moe_blocks();
+        let (mut routed, mut per_expert) = (0u64, 0u64);
+        for (_, b) in &blocks {
+            let all = bytes(&b.experts.gate_up_proj) + bytes(&b.experts.down_proj);
+            routed += all;
+            per_expert += all / b.experts.num_experts.max(1) as u64;
+        }
+        let fixed = self.info().weight_bytes.saturating_sub(embed_bytes + routed);
+        crate::DecodeWeights { fixed, per_activation: per_expert / blocks.len().max(1) as u64 }
     }
 
     /// The MoE blocks with their model layer indices, in layer order (to measure or inspect one layer).

@@ -7,7 +7,10 @@
 //! device. On CUDA the decode step is captured once in a CUDA graph and replayed per token
 //! ([`moe_models::GraphDecoder`]); `--graph off` decodes eagerly with a growing cache. Warm-up first;
 //! CUDA is synchronised before every clock read; medians of `repeats`. Prints a table (speed-ups against
-//! the first budget) and writes JSON with provenance when `--out` is given.
+//! the first budget) and writes JSON with provenance when `--out` is given. For batch-1 decode the table
+//! also has the weight bytes a step reads at each budget ([`moe_models::DecodeWeights`]), the bandwidth
+//! the measured step time implies, and the bound on the speed-up those bytes set (their ratio to the
+//! first budget's): a measured speed-up short of the bound is time that does not shrink with the budget.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -87,6 +90,12 @@ struct Row {
     prefill_tokens_per_s: Option<f64>,
     decode_ms_per_token: Option<f64>,
     decode_tokens_per_s: Option<f64>,
+    /// Weight bytes a batch-1 decode step reads at this budget (`None` for larger decode batches).
+    decode_weight_bytes: Option<u64>,
+    /// Those bytes over the measured step time, TB/s.
+    decode_weight_tb_per_s: Option<f64>,
+    /// The first budget's bytes over this one's: the most its decode speed-up could be.
+    decode_weight_bound: Option<f64>,
 }
 
 fn prefill(model: &Model, ctx: &mut ForwardCtx<'_>, ids: &Tensor) -> Result<()> {
@@ -242,6 +251,8 @@ pub fn run(args: Args) -> Result<()> {
     let ids = Tensor::f_randint(vocab, [args.batch, args.len], (Kind::Int64, device))?;
     let prompt = Tensor::f_randint(vocab, [args.decode_batch, args.context], (Kind::Int64, device))?;
     let budgets = budgets(&args, &model)?;
+    let weights = model.decode_weights();
+    let first_activations = budgets.first().map(|b| b.2);
     let mut rows = Vec::new();
     for (label, policy, activations) in &budgets {
         let (label, activations) = (label.clone(), *activations);
@@ -263,6 +274,9 @@ pub fn run(args: Args) -> Result<()> {
             prefill_tokens_per_s: prefill_ms.map(|ms| (args.batch * args.len) as f64 / (ms / 1e3)),
             decode_ms_per_token: decode_ms,
             decode_tokens_per_s: decode_ms.map(|ms| args.decode_batch as f64 * 1e3 / ms),
+            decode_weight_bytes: (args.decode_batch == 1).then(|| weights.at(activations)),
+            decode_weight_tb_per_s: decode_ms.filter(|_| args.decode_batch == 1).map(|ms| weights.at(activations) as f64 / (ms * 1e9)),
+            decode_weight_bound: first_activations.filter(|_| args.decode_batch == 1).map(|first| weights.bound(first, activations)),
         });
     }
     if do_prefill || do_decode {
@@ -308,13 +322,13 @@ fn print_table(model_type: &str, rows: &[Row]) {
     let num = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
     println!("{model_type}");
     println!(
-        "| {:<18} | {:>6} | {:>10} | {:>9} | {:>14} | {:>10} | {:>9} |",
-        "budget", "act/tok", "prefill ms", "speed-up", "decode ms/tok", "decode t/s", "speed-up"
+        "| {:<18} | {:>6} | {:>10} | {:>9} | {:>14} | {:>10} | {:>9} | {:>7} | {:>6} | {:>6} |",
+        "budget", "act/tok", "prefill ms", "speed-up", "decode ms/tok", "decode t/s", "speed-up", "GB/tok", "TB/s", "bound"
     );
-    println!("|{:-<20}|{:->8}|{:->12}|{:->11}|{:->16}|{:->12}|{:->11}|", "", "", "", "", "", "", "");
+    println!("|{:-<20}|{:->8}|{:->12}|{:->11}|{:->16}|{:->12}|{:->11}|{:->9}|{:->8}|{:->8}|", "", "", "", "", "", "", "", "", "", "");
     for r in rows {
         println!(
-            "| {:<18} | {:>6} | {:>10} | {:>9} | {:>14} | {:>10} | {:>9} |",
+            "| {:<18} | {:>6} | {:>10} | {:>9} | {:>14} | {:>10} | {:>9} | {:>7} | {:>6} | {:>6} |",
             r.budget,
             r.activations_per_token,
             num(r.prefill_ms, 1),
@@ -322,6 +336,9 @@ fn print_table(model_type: &str, rows: &[Row]) {
             num(r.decode_ms_per_token, 3),
             num(r.decode_tokens_per_s, 1),
             ratio(base.and_then(|b| b.decode_ms_per_token), r.decode_ms_per_token),
+            num(r.decode_weight_bytes.map(|b| b as f64 / 1e9), 3),
+            num(r.decode_weight_tb_per_s, 2),
+            r.decode_weight_bound.map_or("-".into(), |b| format!("{b:.2}x")),
         );
     }
 }

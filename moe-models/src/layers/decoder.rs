@@ -426,5 +426,6 @@ pub fn family_info(
         kv_values_per_token_per_layer,
         kind: Kind::Float,
         device: Device::Cpu,
+        weight_bytes: 0,
     }
 }

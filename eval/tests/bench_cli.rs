@@ -1,0 +1,41 @@
+//! `eval bench` end to end on the CPU with a tiny committed fixture: the table and the JSON carry, per
+//! budget, the decode step's weight bytes, the bandwidth its time implies and the speed-up bound of
+//! those bytes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn bench_reports_decode_weight_bytes_bandwidth_and_bound() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../moe-models/tests/fixtures/mixtral/gqa_window");
+    let dir = tempfile::tempdir().unwrap();
+    let out_json = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_eval"))
+        .args(["bench", "--ks", "2,1", "--phases", "decode", "--context", "4", "--decode-tokens", "2", "--repeats", "1"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&out_json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("GB/tok") && stdout.contains("TB/s") && stdout.contains("bound"), "{stdout}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out_json).unwrap()).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    let bytes: Vec<u64> = rows.iter().map(|r| r["decode_weight_bytes"].as_u64().unwrap()).collect();
+    // Half the experts per token read fewer bytes; the first budget is its own reference.
+    assert!(bytes[0] > bytes[1], "{bytes:?}");
+    assert_eq!(rows[0]["decode_weight_bound"].as_f64().unwrap(), 1.0);
+    let bound = rows[1]["decode_weight_bound"].as_f64().unwrap();
+    assert!((bound - bytes[0] as f64 / bytes[1] as f64).abs() < 1e-12, "{bound}");
+    for r in rows {
+        let implied = r["decode_weight_bytes"].as_f64().unwrap() / (r["decode_ms_per_token"].as_f64().unwrap() * 1e9);
+        assert!((r["decode_weight_tb_per_s"].as_f64().unwrap() - implied).abs() <= 1e-9 * implied.max(1.0), "{r}");
+    }
+}
