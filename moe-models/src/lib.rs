@@ -37,14 +37,18 @@
 //!   the [`KvCache`], the [`Renormalize`] option (how chosen probabilities become mixing weights), the
 //!   [`RoutingTrace`] (f32 router probabilities and chosen ids per MoE layer), the expert [`Dispatch`]
 //!   and the MLA path.
-//! * Hidden states and the LM head are separate; [`token_nll`] chunks the head.
+//! * Hidden states and the LM head are separate; [`token_nll`] chunks the head. [`GraphDecoder`]
+//!   captures whole greedy decode steps (every layer, the head, the argmax) in a CUDA graph.
+//! * [`Model::decode_weights`] ([`DecodeWeights`]): the weight bytes a batch-1 decode step reads at a
+//!   given number of routed activations per token, i.e. the bound a smaller budget's speed-up has.
 //! * Padding: `mask` is `(b, t)`, 1 for real tokens; left or right padding both work (positions are
 //!   counted over real tokens only, padding keys are masked, padding tokens get no experts).
 //!
 //! # Layout
 //! `loader` (checkpoint, var-builder, tokenizer), `layers` (shared blocks: norms, rotary, MLP, MoE,
 //! attention incl. grouped-query and sliding window, the decoder stack), `cache`, `ctx`, one file per
-//! family (`deepseek_v2`, `qwen2_moe`, `mixtral`, `olmoe`, `qwen3_moe`), `model` (the dispatching handle), `nll`. Adding a
+//! family (`deepseek_v2`, `qwen2_moe`, `mixtral`, `olmoe`, `qwen3_moe`), `model` (the dispatching handle), `nll`,
+//! `decode_weights`, `graph_decode`, `kernels` (the run-time compiled CUDA kernels). Adding a
 //! family: a file like `mixtral.rs` built from `layers`, a `Model` variant and a `build` arm.
 
 pub mod cache;

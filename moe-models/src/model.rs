@@ -43,7 +43,8 @@ pub struct ModelInfo {
     pub kind: Kind,
     /// Device.
     pub device: Device,
-    /// Bytes of every weight the model holds, as loaded (the compute dtype; routers in f32).
+    /// Bytes of every weight the model holds, as loaded (the compute dtype; routers in f32); set by
+    /// [`load`] and [`load_random`] (0 when a family's `Model::load` is called directly).
     pub weight_bytes: u64,
 }
 

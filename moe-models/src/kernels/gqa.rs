@@ -1,6 +1,6 @@
-//! Grouped-query attention for one new token per sequence (`gqa_decode.cu`): the step's rotary
-//! embedding, its cache write and flash-decoding over a preallocated cache in two kernels (Qwen2-MoE,
-//! Mixtral, OLMoE and Qwen3-MoE decode steps).
+//! Grouped-query attention for one new token per sequence (`gqa_decode.cu`): the step's QK-norm (if
+//! the family has one), rotary embedding, cache write and flash-decoding over a preallocated cache in two
+//! kernels (Qwen2-MoE, Mixtral, OLMoE and Qwen3-MoE decode steps).
 
 use cuda_graph::jit::{Arg, Kernels};
 use tch::{Kind, Tensor};

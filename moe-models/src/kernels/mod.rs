@@ -6,8 +6,8 @@
 //!   three kernels: the routed experts read straight from the stacked weights, optionally the router's
 //!   top-k and the shared expert too, replacing ~30 libtorch kernels;
 //! - [`moe_combine`] and [`swiglu`] (`grouped.rs`): the grouped path for many tokens (prefill);
-//! - [`gqa_decode`] (`gqa.rs`): grouped-query attention of one new token per sequence (rotary, cache
-//!   write, flash-decoding) in two kernels;
+//! - [`gqa_decode`] (`gqa.rs`): grouped-query attention of one new token per sequence (QK-norm, rotary,
+//!   cache write, flash-decoding) in two kernels;
 //! - [`mla_decode`] (`mla.rs`): DeepSeek-V2's absorbed attention for decode steps in three small kernels
 //!   (one, with a thread block cluster per head, for a single token), with the step's rope, latent norm
 //!   and cache write;
