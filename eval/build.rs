@@ -21,6 +21,12 @@ fn main() {
     println!("cargo:rustc-env=ALLOC_MOE_BUILD_SHA={sha}{}", if dirty { "-dirty" } else { "" });
     println!("cargo:rerun-if-changed=../.git/HEAD");
     println!("cargo:rerun-if-changed=../.git/refs/heads");
+    // And after any edit to the code the binary is built from, so that `-dirty` is not missed (cargo
+    // scans directories recursively): without this, a binary built from an edited tree after a commit
+    // claimed that commit's clean sha.
+    for dir in ["alloc-core/src", "alloc-layer/src", "alloc-token/src", "cuda-graph/src", "cuda-graph/csrc", "moe-models/src", "eval/src"] {
+        println!("cargo:rerun-if-changed=../{dir}");
+    }
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/git_commit.rs");
 }
