@@ -336,7 +336,7 @@ impl<'a> VarBuilder<'a> {
     /// Load `leaf` in a given dtype (router weights are kept in f32), checking its shape.
     pub fn get_kind(&self, leaf: &str, shape: &[i64], kind: Kind) -> Result<Tensor> {
         let t = self.fetch(leaf, shape, kind)?;
-        self.bytes.set(self.bytes.get() + t.numel() as u64 * kind.elt_size_in_bytes() as u64);
+        self.bytes.set(self.bytes.get() + tensor_bytes(&t));
         Ok(t)
     }
 
@@ -354,6 +354,11 @@ impl<'a> VarBuilder<'a> {
             }
         }
     }
+}
+
+/// Bytes of `t`'s elements.
+pub(crate) fn tensor_bytes(t: &Tensor) -> u64 {
+    t.numel() as u64 * t.kind().elt_size_in_bytes() as u64
 }
 
 /// Read and parse a JSON file into `T`, naming the file on failure, and the key when the JSON is well

@@ -43,8 +43,7 @@ pub struct ModelInfo {
     pub kind: Kind,
     /// Device.
     pub device: Device,
-    /// Bytes of every weight the model holds, as loaded (the compute dtype; routers in f32); set by
-    /// [`load`] and [`load_random`] (0 when a family's `Model::load` is called directly).
+    /// Bytes of every weight the model holds, as loaded (the compute dtype; routers in f32).
     pub weight_bytes: u64,
 }
 
@@ -105,21 +104,7 @@ fn build(config_path: &Path, root: &VarBuilder<'_>) -> Result<Model> {
     check_sizes(&read_json(config_path)?)?;
     let ty: ModelType = read_json(config_path)?;
     let ty = ty.model_type.ok_or_else(|| Error::Config { key: "model_type".into(), msg: "missing".into() })?;
-    let mut model = build_family(&ty, config_path, root)?;
-    let bytes = root.bytes_loaded();
-    match &mut model {
-        Model::DeepseekV2(m) => m.decoder.info.weight_bytes = bytes,
-        Model::Qwen2Moe(m) => m.decoder.info.weight_bytes = bytes,
-        Model::Mixtral(m) => m.decoder.info.weight_bytes = bytes,
-        Model::Olmoe(m) => m.decoder.info.weight_bytes = bytes,
-        Model::Qwen3Moe(m) => m.decoder.info.weight_bytes = bytes,
-    }
-    Ok(model)
-}
-
-/// The family `ty` names, built from `root` with `config_path`'s config.
-fn build_family(ty: &str, config_path: &Path, root: &VarBuilder<'_>) -> Result<Model> {
-    Ok(match ty {
+    Ok(match ty.as_str() {
         "deepseek_v2" => Model::DeepseekV2(Box::new(deepseek_v2::Model::load(read_json(config_path)?, root)?)),
         "qwen2_moe" => Model::Qwen2Moe(Box::new(qwen2_moe::Model::load(read_json(config_path)?, root)?)),
         "mixtral" => Model::Mixtral(Box::new(mixtral::Model::load(read_json(config_path)?, root)?)),
@@ -181,7 +166,7 @@ impl Model {
             Model::Olmoe(m) => (&m.decoder.embed_tokens, &m.decoder.lm_head),
             Model::Qwen3Moe(m) => (&m.decoder.embed_tokens, &m.decoder.lm_head),
         };
-        let bytes = |t: &Tensor| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64;
+        let bytes = crate::loader::tensor_bytes;
         let embed_bytes = if embed.data_ptr() == head.data_ptr() { 0 } else { bytes(embed) };
         let blocks = self.moe_blocks();
         let (mut routed, mut per_expert) = (0u64, 0u64);

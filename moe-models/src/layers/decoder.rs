@@ -196,10 +196,11 @@ impl<A: SelfAttention> Decoder<A> {
             });
         }
         let norm = RmsNorm::load(&vb.pp("norm"), h, eps)?;
+        let mut dropped = 0; // bytes loaded but not kept
         let lm_head = if spec.tie_word_embeddings {
             if root.contains("lm_head.weight") {
                 // Tied: transformers overwrites a stored head with the embedding; so do we.
-                let _stored = root.pp("lm_head").get("weight", &[v, h])?;
+                dropped = crate::loader::tensor_bytes(&root.pp("lm_head").get("weight", &[v, h])?);
             }
             embed_tokens.shallow_clone()
         } else {
@@ -221,6 +222,7 @@ impl<A: SelfAttention> Decoder<A> {
         info.hidden_size = h as usize;
         info.kind = root.kind();
         info.device = root.device();
+        info.weight_bytes = root.bytes_loaded() - dropped;
         tracing::info!(model_type = %info.model_type, layers = num_layers, experts = info.n_routed_experts, "loaded");
         Ok(Self { embed_tokens, layers, norm, lm_head, rotary, sliding_window: spec.sliding_window, info })
     }
