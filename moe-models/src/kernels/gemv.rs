@@ -15,10 +15,21 @@ pub(super) static GEMV: Kernels =
 /// The most tokens [`project`] takes (`GEMV_MAX_T` in `gemv.cu`).
 pub const PROJECT_MAX_TOKENS: i64 = 8;
 const WARPS: i64 = 4;
+/// Warps of a `gemv_norm` block (several tokens; `GEMV_KSPLIT` in `gemv.cu`): each takes an eighth of
+/// the row width of the block's 16-row tiles.
+const STAGED_WARPS: i64 = 8;
+/// Rows of a `gemv_norm` tile (`GEMV_TILE`).
+const STAGED_TILE: i64 = 16;
+/// `gemv_norm`'s most blocks: with more tiles each block takes several (a grid-stride loop), so that the
+/// inputs are staged once per block and not once per 16 rows (the LM head has 6400 tiles).
+const STAGED_MAX_BLOCKS: i64 = 512;
+/// `GEMV_STAGE` in `gemv.cu`: staged 16-byte chunks per thread and row.
+const STAGE_CHUNKS: i64 = 4;
 /// The widest input `gemv_warp` takes (`32 * 8 * GEMV_WARP_CHUNKS` in `gemv.cu`); `gemv_warp16` twice it.
 const WARP_MAX_WIDTH: i64 = 2048;
-/// Shared memory for the staged inputs (`T * H` bf16).
-const MAX_STAGED_BYTES: i64 = 48 * 1024;
+/// Shared memory for the staged inputs (`T * H` bf16): the 48 KB a kernel gets without opting in, less
+/// `gemv_norm`'s own ~5 KB.
+const MAX_STAGED_BYTES: i64 = 42 * 1024;
 
 /// One projection of [`Project`]: `y = x W^T (+ b)`.
 #[derive(Debug, Clone, Copy)]
@@ -44,7 +55,7 @@ pub struct Project<'a> {
 
 /// `[rmsnorm](x) W_s^T (+ b_s)` for each projection `s` in one kernel (plus `residual` on the first), as
 /// `(.., r_s)` bf16 tensors; `None` when the kernel does not apply (not CUDA bf16, more than
-/// [`PROJECT_MAX_TOKENS`] rows, sizes that are not multiples of 8, inputs wider than 4096, strided
+/// [`PROJECT_MAX_TOKENS`] rows, sizes that are not multiples of 8, inputs wider than 8192 or over 42 KB, strided
 /// weights, or it did not compile) and the caller uses libtorch.
 pub fn project(p: &Project<'_>) -> Result<Option<Vec<Tensor>>> {
     let (x, device) = (p.x, p.x.device());
@@ -56,7 +67,7 @@ pub fn project(p: &Project<'_>) -> Result<Option<Vec<Tensor>>> {
         && bf16_on(x)
         && (1..=PROJECT_MAX_TOKENS).contains(&t)
         && h % 8 == 0
-        && h <= 4 * 8 * 32 * WARPS
+        && h <= STAGE_CHUNKS * 8 * 32 * STAGED_WARPS
         && t * h * 2 <= MAX_STAGED_BYTES
         && (1..=3).contains(&p.projections.len())
         && p.norm.is_none_or(|(w, _)| bf16_on(w) && w.size() == [h])
@@ -110,11 +121,9 @@ pub fn project(p: &Project<'_>) -> Result<Option<Vec<Tensor>>> {
         }
     }
     args.push(residual.as_ref().map_or(null, Arg::Tensor));
-    let grid = [(rows as u32).div_ceil(WARPS as u32), 1, 1];
-    let block = [32 * WARPS as u32, 1, 1];
     // One token of a width a lane's registers hold: each warp keeps its row in registers and normalises
-    // the input itself (no staging), in its own kernel when there is a norm; else the input is staged in
-    // shared memory once per block.
+    // the input itself (no staging), in its own kernel when there is a norm. Several tokens: the inputs
+    // are staged in shared memory once per block and tensor cores take each weight row once for all.
     if t == 1 && h <= 2 * WARP_MAX_WIDTH {
         let kernel = match (h <= WARP_MAX_WIDTH, p.norm.is_some()) {
             (true, false) => k[1],
@@ -122,9 +131,12 @@ pub fn project(p: &Project<'_>) -> Result<Option<Vec<Tensor>>> {
             (false, false) => k[3],
             (false, true) => k[4],
         };
-        launch_dependent(kernel, grid, block, 0, &args)?;
+        let grid = [(rows as u32).div_ceil(WARPS as u32), 1, 1];
+        launch_dependent(kernel, grid, [32 * WARPS as u32, 1, 1], 0, &args)?;
     } else {
-        launch_dependent(k[0], grid, block, (t * h * 2) as u32, &args)?;
+        let tiles = (rows + STAGED_TILE - 1) / STAGED_TILE;
+        let grid = [tiles.min(STAGED_MAX_BLOCKS) as u32, 1, 1];
+        launch_dependent(k[0], grid, [32 * STAGED_WARPS as u32, 1, 1], (t * h * 2) as u32, &args)?;
     }
     Ok(Some(outs))
 }
@@ -145,7 +157,8 @@ mod tests {
         let bf = |s: &[i64], sd: f64| randn_bf16(s, sd, dev);
         // One token up to 2048 wide: gemv_warp (136: a partial last chunk), up to 4096: gemv_warp16 (4096,
         // 2200: a partial chunk); else gemv_norm.
-        for (t, h) in [(1i64, 2048i64), (1, 136), (3, 512), (1, 4096), (1, 2200), (2, 136)] {
+        // Several tokens: gemv_norm (8 x 2048: V2-Lite's input projections at 8 sequences).
+        for (t, h) in [(1i64, 2048i64), (1, 136), (3, 512), (1, 4096), (1, 2200), (2, 136), (8, 2048), (5, 4096)] {
             let x = bf(&[1, t, h], 1.0);
             let norm = RmsNorm { weight: bf(&[h], 1.0), eps: 1e-6 };
             let lins = [
@@ -176,6 +189,19 @@ mod tests {
                     assert!(err <= 0.02 * mag + 1e-2, "{err} vs {mag}");
                 }
             }
+        }
+        // More rows than the staged grid has warps (an LM head): each warp takes several rows.
+        for t in [1i64, 4] {
+            let (h, r) = (4608i64, 9000i64);
+            let x = bf(&[t, h], 1.0);
+            let head = Linear { weight: bf(&[r, h], 0.05), bias: None };
+            let p = Project { x: &x, norm: None, projections: &[Projection { weight: &head.weight, bias: None }], residual: None };
+            let got = project(&p).expect("project").expect("applies").pop().expect("one output");
+            let want = head.forward(&x).expect("linear");
+            let err = (got.to_kind(Kind::Float) - want.to_kind(Kind::Float)).abs().max().double_value(&[]);
+            let mag = want.to_kind(Kind::Float).abs().max().double_value(&[]);
+            eprintln!("t {t}, h {h}, {r} rows: max |kernel - libtorch| = {err:.3e} (of {mag:.3e})");
+            assert!(err <= 0.02 * mag + 1e-2, "{err} vs {mag}");
         }
     }
 }

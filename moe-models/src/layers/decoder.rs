@@ -307,8 +307,11 @@ impl<A: SelfAttention> Decoder<A> {
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let _span = tracing::trace_span!("lm_head").entered();
-        // One token (a decode step) on CUDA bf16: the projection kernel, a warp per vocabulary row.
-        if hidden.numel() as i64 == self.lm_head.size().get(1).copied().unwrap_or(-1) {
+        // A decode step (up to PROJECT_MAX_TOKENS tokens, one per sequence) on CUDA bf16: the projection
+        // kernel, which reads each vocabulary row once for all of them.
+        let h = self.lm_head.size().get(1).copied().unwrap_or(-1);
+        let tokens = hidden.numel() as i64 / h.max(1);
+        if hidden.size().last() == Some(&h) && (1..=crate::kernels::PROJECT_MAX_TOKENS).contains(&tokens) {
             let head = [crate::kernels::Projection { weight: &self.lm_head, bias: None }];
             if let Some(mut y) = crate::kernels::project(&crate::kernels::Project { x: hidden, norm: None, projections: &head, residual: None })? {
                 return Ok(y.pop().expect("one projection"));
