@@ -52,9 +52,42 @@ fn both<P: RoutingPolicy + DevicePolicy>(p: &P, layer: usize, c: &Case) -> (Opti
             assert!(ids.narrow(1, 0, k as i64).equal(&first), "{} claims top-{k} at {} tokens", DevicePolicy::name(p), c.tokens);
             assert!(rest.lt(0).all().int64_value(&[]) == 1, "{} claims top-{k} but chose more", DevicePolicy::name(p));
         }
+        // A batch-split claim must be exactly the split rule (padding-free batches only).
+        if let (Some(split), None) = (DevicePolicy::batch_split(p, layer, c.tokens), t.mask.as_ref()) {
+            let got = Vec::<i64>::try_from(&ids.reshape([-1])).unwrap();
+            assert_eq!(got, split_ids(c, split), "{} claims {split:?} at {} tokens", DevicePolicy::name(p), c.tokens);
+        }
         Vec::<i64>::try_from(&ids.reshape([-1])).unwrap()
     });
     (host, dev)
+}
+
+/// The ids of [`alloc_token::device::BatchSplit`]'s rule as its documentation states it, written
+/// directly: each token's first `floor` experts of its stable descending sort, then the `extra` best
+/// candidates (ranks `floor..cap`) by (score desc, rank asc, token asc); `(T, cap)` flattened, -1 padded.
+fn split_ids(c: &Case, split: alloc_token::device::BatchSplit) -> Vec<i64> {
+    let (t, e) = (c.tokens, c.experts);
+    let sorted: Vec<Vec<(f32, usize)>> = (0..t)
+        .map(|i| {
+            let mut row: Vec<(f32, usize)> = (0..e).map(|j| (c.probs[i * e + j], j)).collect();
+            row.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)));
+            row
+        })
+        .collect();
+    let mut cands: Vec<(f32, usize, usize)> = Vec::new(); // (score, rank, token)
+    for rank in split.floor..split.cap {
+        for (i, row) in sorted.iter().enumerate() {
+            let top1 = row[0].0;
+            let score = if split.relative_to_top1 { if top1 > 0.0 { row[rank].0 / top1 } else { 0.0 } } else { row[rank].0 };
+            cands.push((score, rank, i));
+        }
+    }
+    cands.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let mut counts = vec![split.floor; t];
+    for &(_, _, i) in cands.iter().take(split.extra) {
+        counts[i] += 1;
+    }
+    (0..t).flat_map(|i| (0..split.cap).map(move |s| (i, s))).map(|(i, s)| if s < counts[i] { sorted[i][s].1 as i64 } else { -1 }).collect()
 }
 
 fn alloc_t(c: &Case, floor: usize, cap: usize, frac: f64, rel: bool, per_seq: bool) -> AllocT {

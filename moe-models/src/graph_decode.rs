@@ -164,6 +164,11 @@ mod tests {
         out
     }
 
+    /// The ids of a `(b, 1)` step, sequence by sequence.
+    fn row_ids(ids: &Tensor) -> Vec<i64> {
+        Vec::<i64>::try_from(ids.reshape([-1]).to_device(Device::Cpu)).expect("ids")
+    }
+
     /// A committed tiny checkpoint, from the crate (a local run) or from the repository root (a test binary
     /// carried to a GPU).
     fn tiny(name: &str) -> std::path::PathBuf {
@@ -260,6 +265,67 @@ mod tests {
                 got.push(dec.tokens().int64_value(&[0, 0]));
             }
             assert_eq!(got, want, "{family}");
+        }
+    }
+
+    /// On a GPU: four sequences decoding together (the several-token kernels: projections and the LM head
+    /// reading each row once for all four, MoE kernels reading each chosen expert once) give the logits
+    /// of the libtorch path (grouped GEMMs, libtorch norms and adds) fed the same tokens, within the
+    /// bound of `fused_norms_and_residuals_match_libtorch_ops_on_the_gpu`; and the captured graph decodes
+    /// the same tokens, sequence by sequence, as the same kernels run eagerly. The three committed tiny
+    /// checkpoints in bf16.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn several_sequences_decode_match_libtorch_and_the_graph_on_the_gpu() {
+        let dev = Device::Cuda(0);
+        for name in ["deepseek-v2-tiny", "qwen2-moe-tiny", "mixtral-tiny"] {
+            let model = crate::load(&tiny(name), dev, Kind::BFloat16).expect("load");
+            let prompt = Tensor::from_slice2(&[
+                [5i64, 17, 300, 42, 7, 99, 1000, 3],
+                [8, 1, 2, 3, 4, 5, 6, 7],
+                [900, 800, 700, 600, 500, 400, 300, 200],
+                [11, 22, 33, 44, 55, 66, 77, 88],
+            ])
+            .to_device(dev);
+            let policy = DeviceTopK { k: model.info().native_k };
+            // The native top-k and top-1 (one slot a token: the several-token kernels' narrowest case).
+            for k in [model.info().native_k, 1] {
+                let policy = DeviceTopK { k };
+                let (mut fused_cache, mut plain_cache) = (KvCache::with_capacity(32), KvCache::with_capacity(32));
+                let mut fused = ForwardCtx::new(&policy).with_cache(&mut fused_cache);
+                let mut plain =
+                    ForwardCtx::new(&policy).with_cache(&mut plain_cache).with_fuse_decode(false).with_dispatch(Dispatch::Grouped);
+                let _ = model.forward_hidden(&prompt, &mut fused).expect("prefill");
+                let h = model.forward_hidden(&prompt, &mut plain).expect("prefill");
+                let mut ids = model.lm_head(&h.narrow(1, 7, 1)).expect("head").argmax(-1, false);
+                for step in 0..6 {
+                    let got = model.lm_head(&model.forward_hidden(&ids, &mut fused).expect("fused")).expect("head").to_kind(Kind::Float);
+                    let want = model.lm_head(&model.forward_hidden(&ids, &mut plain).expect("plain")).expect("head").to_kind(Kind::Float);
+                    let err = (&got - &want).abs().max().double_value(&[]);
+                    let mag = want.abs().max().double_value(&[]);
+                    eprintln!("{name}, top-{k}, 4 sequences, step {step}: max |fused - libtorch| = {err:.3e} (of {mag:.3e})");
+                    assert!(err <= 0.1 * mag, "{name} top-{k} step {step}: max |fused - libtorch| = {err} of {mag}");
+                    ids = want.argmax(-1, false);
+                }
+            }
+            let mut eager_cache = KvCache::with_capacity(32);
+            // The graph against the same kernels run eagerly, 8 steps of all four sequences.
+            let mut eager_ctx = ForwardCtx::new(&policy).with_cache(&mut eager_cache);
+            let h = model.forward_hidden(&prompt, &mut eager_ctx).expect("prefill");
+            let mut ids = model.lm_head(&h.narrow(1, 7, 1)).expect("head").argmax(-1, false);
+            let mut want = vec![row_ids(&ids)];
+            for _ in 0..8 {
+                ids = model.lm_head(&model.forward_hidden(&ids, &mut eager_ctx).expect("step")).expect("head").argmax(-1, false);
+                want.push(row_ids(&ids));
+            }
+            let mut ctx = ForwardCtx::new(&policy);
+            let mut dec = GraphDecoder::new(&model, &prompt, 32, &mut ctx).expect("capture");
+            let mut got = vec![row_ids(dec.tokens())];
+            for _ in 0..8 {
+                dec.step().expect("step");
+                got.push(row_ids(dec.tokens()));
+            }
+            assert_eq!(got, want, "{name}: graph vs eager, 4 sequences");
         }
     }
 

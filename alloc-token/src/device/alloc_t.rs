@@ -16,7 +16,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{empty_selection, prefix_ids, torch, DeviceBatch, DevicePolicy, DeviceResult};
+use super::{empty_selection, prefix_ids, torch, BatchSplit, DeviceBatch, DevicePolicy, DeviceResult};
 use crate::alloc_t::{AllocT, Scope, Score};
 
 /// `[T]` i64 dense ids (`0..S`, in increasing order of the original ids) of `[T]` i64 sequence ids.
@@ -92,6 +92,19 @@ impl DevicePolicy for AllocT {
     fn fixed_top_k(&self, layer: usize, tokens: usize) -> Option<usize> {
         let k_avg = self.layer_budget(layer, self.cap).ok()?;
         (tokens == 1).then(|| (crate::pairs_for(k_avg, 1) as usize).clamp(self.floor, self.cap))
+    }
+
+    /// Batch scope: the rule of `extra_counts` for `tokens` valid tokens, `round(K_l * tokens) - floor *
+    /// tokens` candidates joining (per-sequence scope needs the sequence ids, so it keeps `None`).
+    fn batch_split(&self, layer: usize, tokens: usize) -> Option<BatchSplit> {
+        let k_avg = self.layer_budget(layer, self.cap).ok()?;
+        let extra = (crate::pairs_for(k_avg, tokens as u64) as usize).checked_sub(self.floor.checked_mul(tokens)?)?;
+        (self.scope == Scope::Batch).then_some(BatchSplit {
+            floor: self.floor,
+            cap: self.cap,
+            extra,
+            relative_to_top1: self.score == Score::RelativeToTop1,
+        })
     }
 
     /// Batch scope: `round(K_l * tokens)` (the pairs of `v <= tokens` valid tokens, `round(K_l * v)`,

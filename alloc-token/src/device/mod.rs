@@ -103,6 +103,23 @@ impl DeviceBatch<'_> {
     }
 }
 
+/// A batch's budget split across its tokens by score (Alloc-T's rule, batch scope), as a policy describes
+/// it to a model that selects inside its own kernels ([`DevicePolicy::batch_split`]): every token gets the
+/// first `floor` experts of its stable descending sort; the candidates are the ranks `floor..cap` of every
+/// token, ordered by (score descending, rank ascending, token ascending), and the first `extra` of them
+/// join; each token then has a prefix of its sorted experts, at most `cap`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSplit {
+    /// Experts every token gets.
+    pub floor: usize,
+    /// Experts a token gets at most: the selection width.
+    pub cap: usize,
+    /// Candidates that join: `round(K_l * tokens) - floor * tokens`.
+    pub extra: usize,
+    /// Rank candidates by `p / p_top1` (0 when `p_top1 = 0`, f32) instead of the probability `p`.
+    pub relative_to_top1: bool,
+}
+
 /// A routing method on tensors. `layer` is the model's layer index (per-layer policies look up k).
 pub trait DevicePolicy: Send + Sync {
     /// A short name recorded in results (e.g. `topk`, `alloc-t`).
@@ -115,6 +132,12 @@ pub trait DevicePolicy: Send + Sync {
     /// the stock top-k (the first `k` experts of the stable descending sort for every token), so a model
     /// may fuse the selection into its own kernels instead of calling `select`. Default `None`.
     fn fixed_top_k(&self, _layer: usize, _tokens: usize) -> Option<usize> {
+        None
+    }
+    /// `Some(split)` when [`Self::select`] at `layer`, for a batch of `tokens` rows without padding that
+    /// share one budget, is exactly the [`BatchSplit`] rule, so a model may fuse the selection into its
+    /// own kernels (a few tokens: the sequences of a decode step). Default `None`.
+    fn batch_split(&self, _layer: usize, _tokens: usize) -> Option<BatchSplit> {
         None
     }
     /// An upper bound, known on the host, on the chosen (token, expert) pairs (ids `>= 0`) that

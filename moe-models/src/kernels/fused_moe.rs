@@ -2,6 +2,7 @@
 //! stacked weights in two kernels, optionally with the router's top-k (a third, tiny kernel for the
 //! logits) and the shared expert in the same kernels.
 
+use alloc_token::device::BatchSplit;
 use cuda_graph::jit::{Arg, Function, Kernels};
 use tch::{Device, Kind, Tensor};
 
@@ -16,35 +17,52 @@ const WARPS: u32 = 4;
 const ROUTER_WARP_MAX_WIDTH: i64 = 2048;
 
 const MOE_SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("moe_decode.cu"));
-const MOE_NAMES: [&str; 8] =
-    ["moe_router", "moe_down_1", "moe_down_2", "moe_down_4", "moe_gate_up_64", "moe_gate_up_128", "moe_gate_up_256", "moe_router_warp"];
+const MOE_NAMES: [&str; 18] = [
+    "moe_router", "moe_down_1", "moe_down_2", "moe_down_4", "moe_gate_up_64", "moe_gate_up_128", "moe_gate_up_256", "moe_router_warp",
+    "moe_route_64", "moe_route_128", "moe_route_256", "moe_gate_up_tokens", "moe_down_tokens_1", "moe_down_tokens_2", "moe_down_tokens_4",
+    "moe_route_split_64", "moe_route_split_128", "moe_route_split_256",
+];
 pub(super) static MOE: Kernels = Kernels::new("moe_decode.cu", MOE_SOURCE, &MOE_NAMES);
 
-/// `[moe_router, moe_down_1, moe_down_2, moe_down_4, moe_gate_up_64, moe_gate_up_128, moe_gate_up_256,
-/// moe_router_warp]`.
+/// The kernels of `MOE_NAMES`, in its order.
 fn moe_kernels(device: Device) -> Result<&'static [Function]> {
     compiled(&MOE, device)
 }
 
-/// The `moe_gate_up` variant whose top-k ranks `e` experts with the fewest registers (see
-/// [`moe_kernels`]).
-fn gate_up_variant(k: &[Function], e: i64) -> Function {
+/// The variant of a ranking kernel (`first` of three, for 64, 128 and 256 experts) that ranks `e`
+/// experts with the fewest registers.
+fn ranking_variant(k: &[Function], first: usize, e: i64) -> Function {
     match e {
-        ..=64 => k[4],
-        65..=128 => k[5],
-        _ => k[6],
+        ..=64 => k[first],
+        65..=128 => k[first + 1],
+        _ => k[first + 2],
     }
 }
+
+/// The `moe_gate_up` variant whose top-k ranks `e` experts with the fewest registers.
+fn gate_up_variant(k: &[Function], e: i64) -> Function {
+    ranking_variant(k, 4, e)
+}
+
+/// The most tokens the several-token kernels take (`TOK_MAX` in `moe_decode.cu`); one token, or more
+/// than this, takes the per-pair kernels.
+pub const FUSED_MOE_MAX_TOKENS: i64 = 8;
 
 /// The `moe_down` variant for `n` tokens of `units` warps each (slots, plus the shared expert) over `h`
 /// outputs, and its columns per block: the most columns (fewer blocks, about one wave) that still leave
 /// ~3000 warps in the grid to keep the weight reads in flight (measured on the H200: 4 columns for
 /// V2-Lite's 6 slots + shared, 2-column and 1-column grids for fewer slots).
 fn down_variant(k: &[Function], n: i64, units: i64, h: i64) -> (Function, i64) {
+    down_columns(&k[1..4], n, units, h)
+}
+
+/// Of `k` = the 1-, 2- and 4-column variants of a down kernel, the one for `n` tokens of `units` warps
+/// each over `h` outputs, and its columns per block (see [`down_variant`]).
+fn down_columns(k: &[Function], n: i64, units: i64, h: i64) -> (Function, i64) {
     match [4i64, 2].into_iter().find(|&c| h / c * n * units >= 3000) {
-        Some(4) => (k[3], 4),
-        Some(_) => (k[2], 2),
-        None => (k[1], 1),
+        Some(4) => (k[2], 4),
+        Some(_) => (k[1], 2),
+        None => (k[0], 1),
     }
 }
 
@@ -101,6 +119,21 @@ pub enum Routing<'a> {
         router: &'a Tensor,
         /// Experts per token.
         k: i64,
+        /// Divide by the chosen probabilities' sum (+1e-20).
+        renormalize: bool,
+        /// Multiply afterwards.
+        scale: f64,
+    },
+    /// A batch's budget split across its 2 to [`FUSED_MOE_MAX_TOKENS`] tokens by score inside the
+    /// kernels (Alloc-T, batch scope: the policy's [`BatchSplit`]): the router's logits and softmax as
+    /// for `TopK`, then one small kernel ranks every token and splits the budget, weighted by the family's
+    /// mixing rule over each token's chosen experts. Replaces the router's linear and softmax and the
+    /// policy's selection kernels.
+    Split {
+        /// The router weight.
+        router: &'a Tensor,
+        /// The rule, with `cap <= 8`.
+        split: BatchSplit,
         /// Divide by the chosen probabilities' sum (+1e-20).
         renormalize: bool,
         /// Multiply afterwards.
@@ -167,8 +200,8 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
     check("down", down, Kind::BFloat16, &ds)?;
     if let Some((w, _)) = norm {
         check("norm weight", w, Kind::BFloat16, &[h])?;
-        if !matches!(routing, Routing::TopK { .. }) {
-            return Err(bad("a norm inside the kernels needs the in-kernel top-k"));
+        if matches!(routing, Routing::Chosen { .. }) {
+            return Err(bad("a norm inside the kernels needs the routing inside them (top-k or split)"));
         }
     }
     if let Some(r) = residual {
@@ -196,6 +229,17 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
                 return Err(bad(&format!("top-{k} of {e} experts (at most {FUSED_MOE_MAX_EXPERTS} experts)")));
             }
             k
+        }
+        Routing::Split { router, split, .. } => {
+            check("router", router, Kind::Float, &[e, h])?;
+            let cap = split.cap as i64;
+            if !(2..=FUSED_MOE_MAX_TOKENS).contains(&n) || split.floor > split.cap || !(1..=8.min(e)).contains(&cap) || e > FUSED_MOE_MAX_EXPERTS {
+                return Err(bad(&format!(
+                    "a split of {n} tokens' budget over {e} experts with floor {} and cap {} (2 to {FUSED_MOE_MAX_TOKENS} tokens, a cap of 1 to 8, at most {FUSED_MOE_MAX_EXPERTS} experts)",
+                    split.floor, split.cap
+                )));
+            }
+            cap
         }
     };
     if !fused_moe_applies(x, n * w, gate_up) {
@@ -235,6 +279,12 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
         Some(s) => (Arg::Tensor(s.gate), Arg::Tensor(s.up), Arg::Tensor(s.down), s.gate_logit.map_or(null, Arg::Tensor)),
         None => (null, null, null, null),
     };
+    let dims = Dims { h, i, w, e, is_, n };
+    // Several tokens: the kernels that read each chosen expert once (their owner table holds at most
+    // FUSED_MOE_MAX_EXPERTS experts).
+    if (2..=FUSED_MOE_MAX_TOKENS).contains(&n) && e <= FUSED_MOE_MAX_EXPERTS {
+        return several_tokens(k, call, &x, residual.as_ref(), dims, &act, &out, &act_s, &gate_w);
+    }
     // One output row per warp (more rows per warp measured slower on the H200: fewer warps in flight);
     // blocks for each routed pair's I rows, then for each token's Is shared rows.
     let grid_gu = [rows(i) * (n * w) as u32 + rows(is_) * n as u32, 1, 1];
@@ -266,6 +316,8 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
             ];
             launch_dependent(down_kernel, grid_down, block_down, 0, &dn)?;
         }
+        // Checked above: a split has 2 to FUSED_MOE_MAX_TOKENS tokens, which several_tokens took.
+        Routing::Split { .. } => return Err(bad("a split needs 2 to 8 tokens")),
         Routing::TopK { router, renormalize, scale, .. } => {
             let logits = f32s(&[n, e])?;
             let owned_ids = Tensor::f_empty([n, w], (Kind::Int64, device))?;
@@ -301,6 +353,97 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
     Ok(out)
 }
 
+/// The sizes of a [`fused_moe`] call: hidden `h`, expert width `i`, slots `w`, experts `e`, shared width
+/// `is_` (0: none), tokens `n`.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    h: i64,
+    i: i64,
+    w: i64,
+    e: i64,
+    is_: i64,
+    n: i64,
+}
+
+/// [`fused_moe`] for 2 to [`FUSED_MOE_MAX_TOKENS`] tokens (sequences decoding together): each chosen
+/// expert's rows, and the shared expert's, read once for all the tokens (`moe_gate_up_tokens`,
+/// `moe_down_tokens`); the router's top-k, when asked for, ranks each token once (`moe_route`) after
+/// the logits. `x`, `residual` and the outputs as [`fused_moe`] made them; the call is checked.
+#[allow(clippy::too_many_arguments)]
+fn several_tokens(
+    k: &[Function],
+    call: &MoeCall<'_>,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    d: Dims,
+    act: &Tensor,
+    out: &Tensor,
+    act_s: &Tensor,
+    gate_w: &Tensor,
+) -> Result<Tensor> {
+    let Dims { h, i, w, e, is_, n } = d;
+    let device = x.device();
+    let null = Arg::I64(0);
+    let res = residual.map_or(null, Arg::Tensor);
+    let (sg, su, sd, sgate) = match call.shared {
+        Some(s) => (Arg::Tensor(s.gate), Arg::Tensor(s.up), Arg::Tensor(s.down), s.gate_logit.map_or(null, Arg::Tensor)),
+        None => (null, null, null, null),
+    };
+    let gated = call.shared.is_some_and(|s| s.gate_logit.is_some());
+    // The experts chosen, their row stride, and how moe_down_tokens weights them.
+    let (ids, xn, mix, gather, renorm, scale) = match call.routing {
+        Routing::Chosen { ids, mix } => {
+            let ids = if ids.stride()[1] == 1 { ids.shallow_clone() } else { ids.contiguous() };
+            let (mix_t, gather, renorm, scale) = match mix {
+                MixWeights::Given(t) => (t.contiguous(), 0, 0, 1.0),
+                MixWeights::Router { probs, renormalize, scale } => (probs.contiguous(), 1, renormalize as i32, scale),
+            };
+            (ids, x.shallow_clone(), mix_t, gather, renorm, scale)
+        }
+        Routing::TopK { router, renormalize, scale, .. } | Routing::Split { router, renormalize, scale, .. } => {
+            let logits = Tensor::f_empty([n, e], (Kind::Float, device))?;
+            let xn = if call.norm.is_some() { Tensor::f_empty([n, h], (Kind::BFloat16, device))? } else { x.shallow_clone() };
+            let r = [
+                Arg::Tensor(x), call.norm.map_or(null, |(nw, _)| Arg::Tensor(nw)), Arg::F32(call.norm.map_or(0.0, |(_, eps)| eps as f32)),
+                Arg::Tensor(&xn), Arg::Tensor(router), Arg::Tensor(&logits), Arg::I32(h as i32), Arg::I32(e as i32),
+            ];
+            launch_dependent(k[0], [(e as u32).div_ceil(WARPS), n as u32, 1], [32 * WARPS, 1, 1], (h * 2) as u32, &r)?;
+            let ids = Tensor::f_empty([n, w], (Kind::Int64, device))?;
+            let wts = Tensor::f_empty([n, w], (Kind::Float, device))?;
+            let (renorm, scale) = (Arg::I32(renormalize as i32), Arg::F32(scale as f32));
+            if let Routing::Split { split, .. } = call.routing {
+                let route = [
+                    Arg::Tensor(&logits), Arg::I32(e as i32), Arg::I32(n as i32), Arg::I32(split.floor as i32), Arg::I32(w as i32),
+                    Arg::I32(split.extra as i32), Arg::I32(split.relative_to_top1 as i32), renorm, scale, Arg::Tensor(&ids),
+                    Arg::Tensor(&wts),
+                ];
+                launch_dependent(ranking_variant(k, 15, e), [1, 1, 1], [32 * n as u32, 1, 1], 0, &route)?;
+            } else {
+                let route = [Arg::Tensor(&logits), Arg::I32(e as i32), Arg::I32(w as i32), renorm, scale, Arg::Tensor(&ids), Arg::Tensor(&wts)];
+                launch_dependent(ranking_variant(k, 8, e), [n as u32, 1, 1], [32, 1, 1], 0, &route)?;
+            }
+            (ids, xn, wts, 0, 0, 1.0)
+        }
+    };
+    let ld = ids.stride()[0];
+    let rows = |r: i64| (r as u32).div_ceil(WARPS);
+    let gu = [
+        Arg::Tensor(&xn), Arg::Tensor(&ids), Arg::Tensor(call.gate_up), Arg::Tensor(act), sg, su, Arg::Tensor(act_s), sgate,
+        Arg::Tensor(gate_w), Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32), Arg::I32(e as i32), Arg::I32(ld as i32),
+        Arg::I32(is_ as i32), Arg::I32(n as i32),
+    ];
+    launch_dependent(k[11], [rows(i) * (n * w) as u32 + rows(is_), 1, 1], [32 * WARPS, 1, 1], 0, &gu)?;
+    let warps = (n * w + i64::from(is_ > 0)).clamp(1, 8);
+    let (down_kernel, cols) = down_columns(&k[12..15], 1, warps, h);
+    let dn = [
+        Arg::Tensor(act), Arg::Tensor(&ids), Arg::Tensor(&mix), Arg::Tensor(call.down), Arg::Tensor(out), Arg::Tensor(act_s), sd,
+        if gated { Arg::Tensor(gate_w) } else { null }, res, Arg::I32(h as i32), Arg::I32(i as i32), Arg::I32(w as i32),
+        Arg::I32(e as i32), Arg::I32(ld as i32), Arg::I32(is_ as i32), Arg::I32(n as i32), Arg::I32(gather), Arg::I32(renorm),
+        Arg::F32(scale as f32),
+    ];
+    launch_dependent(down_kernel, [(h / cols) as u32, 1, 1], [32 * warps as u32, 1, 1], 0, &dn)?;
+    Ok(out.shallow_clone())
+}
 
 #[cfg(test)]
 mod tests {
@@ -321,9 +464,13 @@ mod tests {
             down_proj: randn_bf16(&[e, h, i], 0.05, dev),
             num_experts: e,
         };
+        // Eight tokens of six slots: 48 pairs naming the 16 experts several times each (the several-token
+        // kernels read each once), and some empty slots.
+        let many: Vec<i64> = (0..8i64).flat_map(|t| (0..6i64).map(move |s| (t * 5 + s * 3) % 17 - 1)).collect();
         for (n, ids) in [
             (1i64, vec![3i64, 7, 0, 15, 9, 2]),
             (3, vec![1, 4, -1, 15, 15, 2, -1, -1, -1]),
+            (8, many),
         ] {
             let w = ids.len() as i64 / n;
             let ids = Tensor::from_slice(&ids).reshape([n, w]).to_device(dev);
@@ -353,6 +500,46 @@ mod tests {
                 assert!(err <= 0.02 * scale + 1e-3, "router-mixed fused differs: {err} vs {scale}");
             }
         }
+    }
+
+    /// On a GPU: the batch-split kernel (`moe_route_split`) chooses exactly the experts of Alloc-T's own
+    /// device selection on the same logits' softmax, for 2 to 8 tokens, fractional and integer budgets,
+    /// floors 0 and 1, both scores, 60 and 200 experts; its weights are the router's mixing rule.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn batch_split_kernel_matches_alloc_t_on_the_gpu() {
+        use alloc_token::device::{DeviceBatch, DevicePolicy};
+        use alloc_token::{AllocT, Score};
+        let dev = gpu(11);
+        let k = moe_kernels(dev).expect("kernels");
+        let mut cases = 0;
+        for e in [60i64, 200] {
+            for t in [2i64, 3, 5, 8] {
+                for (k_avg, floor, cap, rel) in [(2.5, 1usize, 6usize, false), (3.0, 1, 6, true), (1.25, 0, 4, false), (4.0, 2, 8, true)] {
+                    let policy = AllocT::new(k_avg, cap).with_floor(floor).with_score(if rel { Score::RelativeToTop1 } else { Score::Probability });
+                    let split = policy.batch_split(0, t as usize).expect("a batch split");
+                    let logits = Tensor::randn([t, e], (Kind::Float, dev)) * 2.0;
+                    let probs = logits.softmax(-1, Kind::Float);
+                    let want = policy.select(0, &DeviceBatch { probs: &probs, mask: None, seq_ids: None }).expect("select");
+                    let ids = Tensor::full([t, cap as i64], -7, (Kind::Int64, dev));
+                    let w = Tensor::zeros([t, cap as i64], (Kind::Float, dev));
+                    let args = [
+                        Arg::Tensor(&logits), Arg::I32(e as i32), Arg::I32(t as i32), Arg::I32(floor as i32), Arg::I32(cap as i32),
+                        Arg::I32(split.extra as i32), Arg::I32(rel as i32), Arg::I32(1), Arg::F32(1.5), Arg::Tensor(&ids), Arg::Tensor(&w),
+                    ];
+                    launch_dependent(ranking_variant(k, 15, e), [1, 1, 1], [32 * t as u32, 1, 1], 0, &args).expect("launch");
+                    assert!(ids.equal(&want), "e {e}, t {t}, K {k_avg}, floor {floor}, cap {cap}, relative {rel}:\n{ids}\nvs\n{want}");
+                    // Weights: p / (sum of the token's chosen p + 1e-20) * 1.5, 0 for an empty slot.
+                    let chosen = ids.ge(0);
+                    let p = probs.gather(1, &ids.clamp_min(0), false) * chosen.to_kind(Kind::Float);
+                    let want_w = &p / (p.sum_dim_intlist(1, true, Kind::Float) + 1e-20) * 1.5;
+                    let err = (&w - &want_w).abs().max().double_value(&[]);
+                    assert!(err < 1e-5, "weights differ by {err}");
+                    cases += 1;
+                }
+            }
+        }
+        eprintln!("{cases} batch splits equal Alloc-T's device selection");
     }
 
     /// A random bf16 MoE block on the GPU: `e` experts of width `i`, hidden `h`, with a shared expert of
@@ -388,11 +575,11 @@ mod tests {
         use crate::layers::moe::TokenInfo;
         use alloc_token::device::DeviceTopK;
         let dev = gpu(5);
-        for (e, is, gated, renorm, k) in [(64i64, 272i64, false, false, 6usize), (60, 176, true, true, 4), (8, 0, false, true, 2)] {
+        for (e, is, gated, renorm, k) in [(64i64, 272i64, false, false, 6usize), (60, 176, true, true, 4), (8, 0, false, true, 2), (8, 0, false, true, 1)] {
             let block = random_block(e, 256, 136, is, gated, renorm);
             let policy = DeviceTopK { k };
             assert_eq!(alloc_token::device::DevicePolicy::fixed_top_k(&policy, 3, 5), Some(k));
-            for n in [1i64, 5] {
+            for n in [1i64, 5, 8, 10] {
                 let x = randn_bf16(&[1, n, 256], 1.0, dev);
                 let tokens = TokenInfo { mask: None, seq_ids: Tensor::zeros([n], (Kind::Int64, dev)) };
                 let mut fused_ctx = ForwardCtx::new(&policy);
@@ -406,12 +593,31 @@ mod tests {
                 assert!(err <= 0.02 * scale + 1e-3, "fused top-k block differs: {err} vs {scale}");
             }
         }
+        // Alloc-T (a batch split inside the kernels) against its libtorch path (router softmax, the
+        // policy's selection kernels, grouped GEMMs).
+        for (e, is, gated, renorm, k) in [(64i64, 272i64, false, false, 6usize), (60, 176, true, true, 4)] {
+            let block = random_block(e, 256, 136, is, gated, renorm);
+            let policy = alloc_token::AllocT::new(k as f64 / 2.0 + 0.5, k);
+            for n in [2i64, 5, 8] {
+                assert!(alloc_token::device::DevicePolicy::batch_split(&policy, 3, n as usize).is_some());
+                let x = randn_bf16(&[1, n, 256], 1.0, dev);
+                let tokens = TokenInfo { mask: None, seq_ids: Tensor::zeros([n], (Kind::Int64, dev)) };
+                let got = block.forward(3, &x, &tokens, &mut ForwardCtx::new(&policy)).expect("fused").to_kind(Kind::Float);
+                let mut ref_ctx = ForwardCtx::new(&policy);
+                ref_ctx.dispatch = Dispatch::Grouped;
+                let want = block.forward(3, &x, &tokens, &mut ref_ctx).expect("grouped").to_kind(Kind::Float);
+                let err = (&got - &want).abs().max().double_value(&[]);
+                let scale = want.abs().max().double_value(&[]);
+                eprintln!("alloc-t, e {e}, shared {is}, cap {k}, n {n}: max |fused split - libtorch| = {err:.3e} (of {scale:.3e})");
+                assert!(err <= 0.02 * scale + 1e-3, "fused split block differs: {err} vs {scale}");
+            }
+        }
         // The decoder's feed-forward half with the norm and the residual add inside the kernels.
         for (e, is, gated, renorm, k) in [(64i64, 272i64, false, false, 6usize), (60, 176, true, true, 4), (8, 0, false, true, 2)] {
             let block = random_block(e, 256, 136, is, gated, renorm);
             let policy = DeviceTopK { k };
             let norm = crate::layers::RmsNorm { weight: (Tensor::randn([256], (Kind::Float, dev)) * 0.5 + 1.0).to_kind(Kind::BFloat16), eps: 1e-6 };
-            for n in [1i64, 5] {
+            for n in [1i64, 5, 8] {
                 let x = randn_bf16(&[1, n, 256], 2.0, dev);
                 let tokens = TokenInfo { mask: None, seq_ids: Tensor::zeros([n], (Kind::Int64, dev)) };
                 let got = block.forward_residual(3, &x, &norm, &tokens, &mut ForwardCtx::new(&policy)).expect("fused").to_kind(Kind::Float);

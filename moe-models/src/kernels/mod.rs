@@ -2,9 +2,10 @@
 //! no CUDA toolkit at build time, and nothing of this runs on a CPU. One file per kernel family, each a
 //! safe wrapper that checks every shape, dtype, stride and device the kernel trusts (or returns `None`
 //! so the caller uses libtorch):
-//! - [`fused_moe`] (`fused_moe.rs`, `moe_decode.cu`): a MoE layer for a few tokens (decode) in two or
-//!   three kernels: the routed experts read straight from the stacked weights, optionally the router's
-//!   top-k and the shared expert too, replacing ~30 libtorch kernels;
+//! - [`fused_moe`] (`fused_moe.rs`, `moe_decode.cu`): a MoE layer for a few tokens (decode) in two to
+//!   four kernels: the routed experts read straight from the stacked weights (each chosen expert once a
+//!   step when several sequences decode together), optionally the router's top-k or a policy's batch
+//!   split (Alloc-T) and the shared expert too, replacing ~30 libtorch kernels;
 //! - [`moe_combine`] and [`swiglu`] (`grouped.rs`): the grouped path for many tokens (prefill);
 //! - [`gqa_decode`] (`gqa.rs`): grouped-query attention of one new token per sequence (QK-norm, rotary,
 //!   cache write, flash-decoding) in two kernels;
@@ -13,7 +14,7 @@
 //!   and cache write;
 //! - [`rotary`] (`rotary.rs`): the rotary embedding in one kernel instead of five;
 //! - [`project`] (`gemv.rs`): up to three projections of a few tokens with the RMSNorm before them and
-//!   the residual add after them, in one kernel;
+//!   the residual add after them, in one kernel (tensor cores for several tokens);
 //! - [`argmax`] (`argmax.rs`): the greedy next token;
 //! - [`decode_plan`] (`step_plan.rs`): a decode step's positions, valid keys and attention bias.
 //!
@@ -37,7 +38,7 @@ use crate::error::{Error, Result};
 
 pub use fused_moe::{
     fused_moe, fused_moe_applies, fused_moe_available, MixWeights, MoeCall, Routing, SharedExpert, FUSED_MOE_MAX_EXPERTS,
-    FUSED_MOE_MAX_PAIRS,
+    FUSED_MOE_MAX_PAIRS, FUSED_MOE_MAX_TOKENS,
 };
 pub use argmax::argmax;
 pub use gemv::{project, Project, Projection, PROJECT_MAX_TOKENS};

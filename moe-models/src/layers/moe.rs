@@ -12,7 +12,7 @@
 //! offsets: no host synchronisation. `PerExpert` copies the ids to the host and runs one matmul pair per
 //! non-empty expert group, which is what a CPU wants for small batches.
 
-use alloc_token::device::DeviceBatch;
+use alloc_token::device::{BatchSplit, DeviceBatch};
 use tch::{Device, Kind, Tensor};
 
 use super::mlp::Mlp;
@@ -363,21 +363,54 @@ impl MoeBlock {
         no_bias.then_some(SharedExpert { gate: &s.gate_proj.weight, up: &s.up_proj.weight, down: &s.down_proj.weight, gate_logit })
     }
 
+    /// Whether this step may route inside the fused kernels with `w` slots a token: the dispatch allows
+    /// them, greedy routing, no padding, no trace, at most [`crate::kernels::FUSED_MOE_MAX_EXPERTS`]
+    /// experts, and the kernels take `xf`'s tokens (decode sizes on CUDA bf16).
+    fn may_route_in_kernel(&self, xf: &Tensor, w: i64, tokens: &TokenInfo, ctx: &ForwardCtx<'_>) -> bool {
+        let e = self.experts.num_experts;
+        !matches!(ctx.dispatch, Dispatch::Grouped | Dispatch::PerExpert)
+            && ctx.trace.is_none()
+            && tokens.mask.is_none()
+            && self.topk_method == TopkMethod::Greedy
+            && e <= crate::kernels::FUSED_MOE_MAX_EXPERTS
+            && crate::kernels::fused_moe_available(xf, xf.size()[0] * w, &self.experts.gate_up_proj)
+    }
+
     /// The `k` of plain top-k routing inside the fused kernels, when this step takes it: the policy is a
-    /// fixed top-k at this size, decode sizes on CUDA bf16, greedy routing, no padding, no trace.
+    /// fixed top-k at this size and [`Self::may_route_in_kernel`].
     fn in_kernel_k(&self, layer: usize, xf: &Tensor, tokens: &TokenInfo, ctx: &ForwardCtx<'_>) -> Option<i64> {
         let n = xf.size()[0];
-        let may_fuse = !matches!(ctx.dispatch, Dispatch::Grouped | Dispatch::PerExpert);
         let e = self.experts.num_experts;
-        ctx.policy.fixed_top_k(layer, n as usize).map(|k| k as i64).filter(|&k| {
-            may_fuse
-                && ctx.trace.is_none()
-                && tokens.mask.is_none()
-                && self.topk_method == TopkMethod::Greedy
-                && (1..=e).contains(&k)
-                && e <= crate::kernels::FUSED_MOE_MAX_EXPERTS
-                && crate::kernels::fused_moe_available(xf, n * k, &self.experts.gate_up_proj)
+        ctx.policy
+            .fixed_top_k(layer, n as usize)
+            .map(|k| k as i64)
+            .filter(|&k| (1..=e).contains(&k) && self.may_route_in_kernel(xf, k, tokens, ctx))
+    }
+
+    /// The policy's batch split ([`alloc_token::device::BatchSplit`], Alloc-T) of this step's tokens inside
+    /// the fused kernels, when it takes it: 2 to [`crate::kernels::FUSED_MOE_MAX_TOKENS`] tokens (the
+    /// sequences of a decode step), a cap of at most 8, and [`Self::may_route_in_kernel`].
+    fn in_kernel_split(&self, layer: usize, xf: &Tensor, tokens: &TokenInfo, ctx: &ForwardCtx<'_>) -> Option<BatchSplit> {
+        let n = xf.size()[0];
+        let e = self.experts.num_experts as usize;
+        ctx.policy.batch_split(layer, n as usize).filter(|s| {
+            (2..=crate::kernels::FUSED_MOE_MAX_TOKENS).contains(&n)
+                && s.floor <= s.cap
+                && (1..=8.min(e)).contains(&s.cap)
+                && self.may_route_in_kernel(xf, s.cap as i64, tokens, ctx)
         })
+    }
+
+    /// The routing inside the fused kernels for this step, when it applies: the policy's fixed top-k
+    /// ([`Self::in_kernel_k`]) or its batch split ([`Self::in_kernel_split`]).
+    fn in_kernel_routing(&self, layer: usize, xf: &Tensor, tokens: &TokenInfo, ctx: &ForwardCtx<'_>) -> Option<Routing<'_>> {
+        let m = self.mixing.get(ctx.renormalize);
+        let (renormalize, scale) = (m.renormalize, m.scale);
+        if let Some(k) = self.in_kernel_k(layer, xf, tokens, ctx) {
+            return Some(Routing::TopK { router: &self.gate, k, renormalize, scale });
+        }
+        let split = self.in_kernel_split(layer, xf, tokens, ctx)?;
+        Some(Routing::Split { router: &self.gate, split, renormalize, scale })
     }
 
     /// The decoder's feed-forward half of model layer `layer`: `x + forward(norm(x))` for the residual
@@ -390,15 +423,13 @@ impl MoeBlock {
         let xf = x.f_reshape([-1, h])?;
         let shared_fuses = self.shared_experts.is_none() || self.shared().is_some();
         let bf16_norm = norm.weight.kind() == Kind::BFloat16;
-        if let Some(k) = self.in_kernel_k(layer, &xf, tokens, ctx).filter(|_| ctx.fuse_decode && shared_fuses && bf16_norm) {
-            let m = self.mixing.get(ctx.renormalize);
-            let routing = Routing::TopK { router: &self.gate, k, renormalize: m.renormalize, scale: m.scale };
+        if let Some(routing) = self.in_kernel_routing(layer, &xf, tokens, ctx).filter(|_| ctx.fuse_decode && shared_fuses && bf16_norm) {
             let call = MoeCall {
                 norm: Some((&norm.weight, norm.eps)),
                 residual: Some(&xf),
                 ..self.experts.fused_call(&xf, routing, self.shared())
             };
-            let out = crate::kernels::fused_moe(&call).ctx(format!("layers.{layer}.mlp (fused norm, top-k, residual)"))?;
+            let out = crate::kernels::fused_moe(&call).ctx(format!("layers.{layer}.mlp (fused norm, routing, residual)"))?;
             return out.f_reshape(&size).ctx("moe");
         }
         let f = self.forward(layer, &norm.forward(x)?, tokens, ctx)?;
@@ -412,11 +443,10 @@ impl MoeBlock {
         let xf = x.f_reshape([-1, h])?; // (n, h)
         let n = xf.size()[0];
         let m = self.mixing.get(ctx.renormalize);
-        // Plain top-k at decode sizes: the router's top-k runs inside the fused kernels too (no probs or
-        // ids tensors; nothing to trace).
-        if let Some(k) = self.in_kernel_k(layer, &xf, tokens, ctx) {
-            let routing = Routing::TopK { router: &self.gate, k, renormalize: m.renormalize, scale: m.scale };
-            let out = self.experts.forward_fused(&xf, routing, self.shared()).ctx(format!("layers.{layer}.mlp (fused top-k)"))?;
+        // Plain top-k, or a policy's batch split, at decode sizes: the routing runs inside the fused
+        // kernels too (no probs or ids tensors; nothing to trace).
+        if let Some(routing) = self.in_kernel_routing(layer, &xf, tokens, ctx) {
+            let out = self.experts.forward_fused(&xf, routing, self.shared()).ctx(format!("layers.{layer}.mlp (fused routing)"))?;
             return self.add_unfused_shared(layer, &xf, out)?.f_reshape(&size).ctx("moe");
         }
         let probs = {
