@@ -39,3 +39,35 @@ fn bench_reports_decode_weight_bytes_bandwidth_and_bound() {
         assert!((r["decode_weight_tb_per_s"].as_f64().unwrap() - implied).abs() <= 1e-9 * implied.max(1.0), "{r}");
     }
 }
+
+/// Several sequences decoding together: the table's time is per step, the JSON has it per step and per
+/// token (step / sequences), tokens per second count every sequence, and the batch-1 weight columns
+/// are absent.
+#[test]
+fn bench_reports_several_sequences_per_step_and_per_token() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../moe-models/tests/fixtures/mixtral/gqa_window");
+    let dir = tempfile::tempdir().unwrap();
+    let out_json = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_eval"))
+        .args(["bench", "--ks", "2", "--phases", "decode", "--context", "4", "--decode-tokens", "2", "--repeats", "1"])
+        .args(["--decode-batch", "3", "--alloc-t"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&out_json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("decode ms/step"), "{stdout}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out_json).unwrap()).unwrap();
+    assert_eq!(v["decode"]["batch"].as_i64(), Some(3));
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "top-2 and Alloc-T");
+    for r in rows {
+        let step = r["decode_ms_per_step"].as_f64().unwrap();
+        assert!((r["decode_ms_per_token"].as_f64().unwrap() - step / 3.0).abs() <= 1e-12 * step, "{r}");
+        assert!((r["decode_tokens_per_s"].as_f64().unwrap() - 3.0 * 1e3 / step).abs() <= 1e-9 * (3e3 / step), "{r}");
+        assert!(r["decode_weight_bytes"].is_null() && r["decode_weight_bound"].is_null(), "{r}");
+    }
+}

@@ -88,7 +88,11 @@ struct Row {
     activations_per_token: usize,
     prefill_ms: Option<f64>,
     prefill_tokens_per_s: Option<f64>,
+    /// Milliseconds a decode step takes (one token for each of the `decode_batch` sequences).
+    decode_ms_per_step: Option<f64>,
+    /// `decode_ms_per_step / decode_batch`: the same at batch 1.
     decode_ms_per_token: Option<f64>,
+    /// Tokens per second over all the sequences.
     decode_tokens_per_s: Option<f64>,
     /// Weight bytes a batch-1 decode step reads at this budget (`None` for larger decode batches).
     decode_weight_bytes: Option<u64>,
@@ -272,7 +276,8 @@ pub fn run(args: Args) -> Result<()> {
             activations_per_token: activations,
             prefill_ms,
             prefill_tokens_per_s: prefill_ms.map(|ms| (args.batch * args.len) as f64 / (ms / 1e3)),
-            decode_ms_per_token: decode_ms,
+            decode_ms_per_step: decode_ms,
+            decode_ms_per_token: decode_ms.map(|ms| ms / args.decode_batch as f64),
             decode_tokens_per_s: decode_ms.map(|ms| args.decode_batch as f64 * 1e3 / ms),
             decode_weight_bytes: (args.decode_batch == 1).then(|| weights.at(activations)),
             decode_weight_tb_per_s: decode_ms.filter(|_| args.decode_batch == 1).map(|ms| weights.at(activations) as f64 / (ms * 1e9)),
@@ -323,7 +328,7 @@ fn print_table(model_type: &str, rows: &[Row]) {
     println!("{model_type}");
     println!(
         "| {:<18} | {:>6} | {:>10} | {:>9} | {:>14} | {:>10} | {:>9} | {:>7} | {:>6} | {:>6} |",
-        "budget", "act/tok", "prefill ms", "speed-up", "decode ms/tok", "decode t/s", "speed-up", "GB/tok", "TB/s", "bound"
+        "budget", "act/tok", "prefill ms", "speed-up", "decode ms/step", "decode t/s", "speed-up", "GB/tok", "TB/s", "bound"
     );
     println!("|{:-<20}|{:->8}|{:->12}|{:->11}|{:->16}|{:->12}|{:->11}|{:->9}|{:->8}|{:->8}|", "", "", "", "", "", "", "", "", "", "");
     for r in rows {
@@ -333,9 +338,9 @@ fn print_table(model_type: &str, rows: &[Row]) {
             r.activations_per_token,
             num(r.prefill_ms, 1),
             ratio(base.and_then(|b| b.prefill_ms), r.prefill_ms),
-            num(r.decode_ms_per_token, 3),
+            num(r.decode_ms_per_step, 3),
             num(r.decode_tokens_per_s, 1),
-            ratio(base.and_then(|b| b.decode_ms_per_token), r.decode_ms_per_token),
+            ratio(base.and_then(|b| b.decode_ms_per_step), r.decode_ms_per_step),
             num(r.decode_weight_bytes.map(|b| b as f64 / 1e9), 3),
             num(r.decode_weight_tb_per_s, 2),
             r.decode_weight_bound.map_or("-".into(), |b| format!("{b:.2}x")),
