@@ -40,6 +40,8 @@ def main():
     ap.add_argument("--len", type=int, default=1024)
     ap.add_argument("--context", type=int, default=32)
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--decode-batch", type=int, default=1, help="sequences decoded together")
+    ap.add_argument("--phases", default="both", choices=["both", "prefill", "decode"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--experts", default="grouped_mm", help="transformers experts_implementation")
@@ -71,39 +73,45 @@ def main():
             out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             ids = out.logits[:, -1:].argmax(-1)
 
-    ids = torch.randint(0, vocab, (a.batch, a.len), device=device)
-    prefill(ids)
-    sync(device)
-    times = []
-    for _ in range(a.repeats):
-        s = time.perf_counter()
+    prefill_ms = None
+    if a.phases in ("both", "prefill"):
+        ids = torch.randint(0, vocab, (a.batch, a.len), device=device)
         prefill(ids)
         sync(device)
-        times.append((time.perf_counter() - s) * 1e3)
-    prefill_ms = statistics.median(times)
+        times = []
+        for _ in range(a.repeats):
+            s = time.perf_counter()
+            prefill(ids)
+            sync(device)
+            times.append((time.perf_counter() - s) * 1e3)
+        prefill_ms = statistics.median(times)
 
-    prompt = torch.randint(0, vocab, (1, a.context), device=device)
-    decode(prompt, 3)
-    sync(device)
-    times = []
-    for _ in range(a.repeats):
-        s = time.perf_counter()
-        decode(prompt, 1)
+    decode_ms = None
+    if a.phases in ("both", "decode"):
+        prompt = torch.randint(0, vocab, (a.decode_batch, a.context), device=device)
+        decode(prompt, 3)
         sync(device)
-        first = time.perf_counter() - s
-        s = time.perf_counter()
-        decode(prompt, a.decode_tokens + 1)
-        sync(device)
-        times.append((time.perf_counter() - s - first) * 1e3 / a.decode_tokens)
-    decode_ms = statistics.median(times)
+        times = []
+        for _ in range(a.repeats):
+            s = time.perf_counter()
+            decode(prompt, 1)
+            sync(device)
+            first = time.perf_counter() - s
+            s = time.perf_counter()
+            decode(prompt, a.decode_tokens + 1)
+            sync(device)
+            times.append((time.perf_counter() - s - first) * 1e3 / a.decode_tokens)
+        decode_ms = statistics.median(times)
     print(json.dumps({
         "engine": f"transformers {transformers.__version__} ({a.attn}, experts {a.experts})",
         "model_type": config.model_type, "weights": "random", "device": a.device, "dtype": a.dtype,
         "k": config.num_experts_per_tok,
-        "prefill": {"batch": a.batch, "len": a.len, "ms": prefill_ms,
-                    "tokens_per_s": a.batch * a.len / (prefill_ms / 1e3)},
-        "decode": {"context": a.context, "tokens": a.decode_tokens, "ms_per_token": decode_ms,
-                   "tokens_per_s": 1e3 / decode_ms},
+        "prefill": None if prefill_ms is None else {
+            "batch": a.batch, "len": a.len, "ms": prefill_ms, "tokens_per_s": a.batch * a.len / (prefill_ms / 1e3)},
+        # ms_per_token: per decode step (one token for each of the `batch` sequences).
+        "decode": None if decode_ms is None else {
+            "batch": a.decode_batch, "context": a.context, "tokens": a.decode_tokens, "ms_per_token": decode_ms,
+            "tokens_per_s": a.decode_batch * 1e3 / decode_ms},
         "repeats": a.repeats,
     }))
 

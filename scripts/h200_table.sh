@@ -1,7 +1,9 @@
 #!/bin/bash
 # One run, one H200: our engine vs transformers 5.17, full vs half k, the real shapes (random bf16 weights);
 # plus Alloc-T at the same budgets and its routing cost at 8192 tokens (V2-Lite), our speed for the
-# OLMoE / Qwen3-MoE shapes (transformers on all five), and V2-Lite decode at a 2000-token context. Run from the repository root with the release eval binary in .carry/bin:
+# OLMoE / Qwen3-MoE shapes (transformers on all five), V2-Lite decode at a 2000-token context, and decode
+# of 4 and 8 sequences together (ours with Alloc-T, all five shapes; transformers at 4 on V2-Lite, Qwen1.5
+# and Mixtral). Run from the repository root with the release eval binary in .carry/bin:
 #   bash scripts/h200_table.sh        (JSON lands in $OUT, default ./bench-out)
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 TL=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib; export LD_LIBRARY_PATH=$TL
@@ -19,4 +21,17 @@ for ck in deepseek_v2_lite:6 deepseek_v2_lite:3 qwen1.5_moe_a2.7b:4 qwen1.5_moe_
           olmoe_1b_7b:8 olmoe_1b_7b:4 qwen3_moe_30b_a3b:8 qwen3_moe_30b_a3b:4; do
   c=${ck%:*}; k=${ck#*:}
   timeout 100 python3 scripts/bench_hf.py --config moe-models/configs/$c.json --k $k $P 2>/dev/null | tail -1 | tee -a $OUT/hf.jsonl
+done
+# Several sequences decoding together (where Alloc-T redistributes across the step's tokens): ours on
+# every shape at 4 sequences and V2-Lite at 8 too, transformers at 4.
+D="--context 32 --decode-tokens 32 --repeats 3 --phases decode --alloc-t"
+for cb in deepseek_v2_lite:4 deepseek_v2_lite:8 qwen1.5_moe_a2.7b:4 mixtral_8x7b:4 olmoe_1b_7b:4 qwen3_moe_30b_a3b:4; do
+  c=${cb%:*}; b=${cb#*:}
+  timeout 200 .carry/bin/eval bench --random --device cuda --dtype bf16 $D --decode-batch $b --model moe-models/configs/$c.json \
+    --out $OUT/ours-$c-decode$b.json 2>&1 | grep -v "^bench:"
+done
+for ck in deepseek_v2_lite:6 deepseek_v2_lite:3 qwen1.5_moe_a2.7b:4 qwen1.5_moe_a2.7b:2 mixtral_8x7b:2 mixtral_8x7b:1; do
+  c=${ck%:*}; k=${ck#*:}
+  timeout 100 python3 scripts/bench_hf.py --config moe-models/configs/$c.json --k $k --phases decode --decode-batch 4 \
+    --context 32 --decode-tokens 32 --repeats 3 2>/dev/null | tail -1 | tee -a $OUT/hf-decode4.jsonl
 done
