@@ -89,9 +89,15 @@ impl DevicePolicy for AllocT {
 
     /// One token (a batch-1 decode step): the token gets `round(K_l)` experts (its floor plus
     /// `round(K_l) - floor` extra pairs), its first ones in sorted order, in either scope: stock top-k.
+    /// Several tokens in batch scope, when the budget leaves no choice: `round(K_l * T)` pairs are the
+    /// floors alone (top-`floor`) or every token at its cap (top-`cap`), e.g. K_l = 1 with floor 1.
     fn fixed_top_k(&self, layer: usize, tokens: usize) -> Option<usize> {
         let k_avg = self.layer_budget(layer, self.cap).ok()?;
-        (tokens == 1).then(|| (crate::pairs_for(k_avg, 1) as usize).clamp(self.floor, self.cap))
+        if tokens == 1 {
+            return Some((crate::pairs_for(k_avg, 1) as usize).clamp(self.floor, self.cap));
+        }
+        let pairs = crate::pairs_for(k_avg, tokens as u64) as usize;
+        [self.floor, self.cap].into_iter().find(|&k| self.scope == Scope::Batch && Some(pairs) == k.checked_mul(tokens))
     }
 
     /// Batch scope: the rule of `extra_counts` for `tokens` valid tokens, `round(K_l * tokens) - floor *
