@@ -9,23 +9,30 @@ use std::process::Command;
 
 use serde_json::Value;
 
-#[test]
-fn bench_reports_decode_weight_bytes_bandwidth_and_bound() {
+/// `eval bench --phases decode` on the committed tiny Mixtral fixture (4-token prompt, 2 steps, 1 repeat)
+/// with `extra` arguments: its table and its JSON.
+fn bench(extra: &[&str]) -> (String, Value) {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../moe-models/tests/fixtures/mixtral/gqa_window");
     let dir = tempfile::tempdir().unwrap();
     let out_json = dir.path().join("bench.json");
     let out = Command::new(env!("CARGO_BIN_EXE_eval"))
-        .args(["bench", "--ks", "2,1", "--phases", "decode", "--context", "4", "--decode-tokens", "2", "--repeats", "1"])
+        .args(["bench", "--phases", "decode", "--context", "4", "--decode-tokens", "2", "--repeats", "1"])
+        .args(extra)
         .arg("--model")
         .arg(&model)
         .arg("--out")
         .arg(&out_json)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    (stdout, serde_json::from_str(&std::fs::read_to_string(&out_json).unwrap()).unwrap())
+}
+
+#[test]
+fn bench_reports_decode_weight_bytes_bandwidth_and_bound() {
+    let (stdout, v) = bench(&["--ks", "2,1"]);
     assert!(stdout.contains("GB/tok") && stdout.contains("TB/s") && stdout.contains("bound"), "{stdout}");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out_json).unwrap()).unwrap();
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     let bytes: Vec<u64> = rows.iter().map(|r| r["decode_weight_bytes"].as_u64().unwrap()).collect();
@@ -45,22 +52,8 @@ fn bench_reports_decode_weight_bytes_bandwidth_and_bound() {
 /// are absent.
 #[test]
 fn bench_reports_several_sequences_per_step_and_per_token() {
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../moe-models/tests/fixtures/mixtral/gqa_window");
-    let dir = tempfile::tempdir().unwrap();
-    let out_json = dir.path().join("bench.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_eval"))
-        .args(["bench", "--ks", "2", "--phases", "decode", "--context", "4", "--decode-tokens", "2", "--repeats", "1"])
-        .args(["--decode-batch", "3", "--alloc-t"])
-        .arg("--model")
-        .arg(&model)
-        .arg("--out")
-        .arg(&out_json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let (stdout, v) = bench(&["--ks", "2", "--decode-batch", "3", "--alloc-t"]);
     assert!(stdout.contains("decode ms/step"), "{stdout}");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out_json).unwrap()).unwrap();
     assert_eq!(v["decode"]["batch"].as_i64(), Some(3));
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "top-2 and Alloc-T");

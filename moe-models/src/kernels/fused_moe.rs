@@ -1,6 +1,8 @@
 //! Fused MoE kernels for a few tokens (`moe_decode.cu`): the routed experts read straight from the
 //! stacked weights in two kernels, optionally with the router's top-k (a third, tiny kernel for the
-//! logits) and the shared expert in the same kernels.
+//! logits) and the shared expert in the same kernels. Several tokens (sequences decoding together) take
+//! kernels that read each chosen expert once for all of them, after one more small kernel that routes
+//! each token once (top-k, or a policy's batch split: Alloc-T).
 
 use alloc_token::device::BatchSplit;
 use cuda_graph::jit::{Arg, Function, Kernels};

@@ -1,4 +1,4 @@
-// Fused MoE kernels for few tokens (batch-1 decode), compiled at run time by NVRTC.
+// Fused MoE kernels for few tokens (decode steps), compiled at run time by NVRTC.
 //
 // The stock path (router linear, softmax, sort; sort pairs by expert, gather rows, two grouped GEMMs,
 // scatter back; the shared experts' five kernels and an add) costs ~30 kernel launches per MoE layer
@@ -22,6 +22,11 @@
 // Accumulation is f32; the SwiGLU activations are rounded to bf16 (as transformers' bf16 MLP does),
 // which halves what moe_down reads besides the weights; sums over slots run in slot order, so results
 // are deterministic.
+//
+// Several tokens (2 to TOK_MAX sequences decoding together) take the *_tokens kernels at the end of the
+// file instead, which read each chosen expert once a step for every token that chose it; the routing
+// then runs once per token in its own small kernel after moe_router (moe_route: top-k; moe_route_split:
+// a policy's batch split, Alloc-T).
 //
 // Shared helpers (bf16 words, dot products, reductions) are in common.cuh, prepended at compile time.
 // Requirements (checked by the caller): contiguous tensors, H and I multiples of 8 (16-byte rows), at
