@@ -5,7 +5,10 @@
 # of 4 and 8 sequences together (ours with Alloc-T, all five shapes; transformers at 4 on V2-Lite, Qwen1.5
 # and Mixtral). Run from the repository root with the release eval binary in .carry/bin:
 #   bash scripts/h200_table.sh        (JSON lands in $OUT, default ./bench-out)
+#   PACK=1 bash scripts/h200_table.sh   (also packs everything into $OUT/bench.tgz: the device tool returns
+#                                       at most 8 files)
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
+exec > >(tee "$OUT/table.log") 2>&1
 TL=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib; export LD_LIBRARY_PATH=$TL
 P="--context 32 --decode-tokens 32 --repeats 3 --batch 8 --len 1024"
 python3 -c 'import transformers, torch; print("transformers", transformers.__version__, "torch", torch.__version__)'
@@ -35,3 +38,7 @@ for ck in deepseek_v2_lite:6 deepseek_v2_lite:3 qwen1.5_moe_a2.7b:4 qwen1.5_moe_
   timeout 100 python3 scripts/bench_hf.py --config moe-models/configs/$c.json --k $k --phases decode --decode-batch 4 \
     --context 32 --decode-tokens 32 --repeats 3 2>/dev/null | tail -1 | tee -a $OUT/hf-decode4.jsonl
 done
+if [ -n "$PACK" ]; then
+  sleep 1  # let tee finish the log
+  tar -C "$OUT" -czf "$OUT/../bench.tgz.$$" --exclude=bench.tgz . && find "$OUT" -mindepth 1 -delete && mv "$OUT/../bench.tgz.$$" "$OUT/bench.tgz"
+fi
