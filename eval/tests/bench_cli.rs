@@ -64,3 +64,34 @@ fn bench_reports_several_sequences_per_step_and_per_token() {
         assert!(r["decode_weight_bytes"].is_null() && r["decode_weight_bound"].is_null(), "{r}");
     }
 }
+
+/// `eval solve --out` writes the allocation `eval bench --allocation` reads: the chain from a profile to a
+/// speed measurement of its Alloc-L allocation.
+#[test]
+fn a_solved_allocation_feeds_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("profile.json");
+    let alloc = dir.path().join("alloc.json");
+    // The fixture's three MoE layers (top-2 of 8 experts); layer 1 loses least without its second expert.
+    std::fs::write(
+        &profile,
+        r#"{"schema_version": 1, "model": "fixture", "metric": "delta_nll", "full_k": 2,
+            "layers": [{"layer": 0, "k": [1, 2], "delta": [0.5, 0.0]}, {"layer": 1, "k": [1, 2], "delta": [0.1, 0.0]},
+                       {"layer": 2, "k": [1, 2], "delta": [0.3, 0.0]}]}"#,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_eval"))
+        .args(["solve", "--budget", "5", "--profile"])
+        .arg(&profile)
+        .arg("--out")
+        .arg(&alloc)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let a: Value = serde_json::from_str(&std::fs::read_to_string(&alloc).unwrap()).unwrap();
+    assert_eq!(a["layers"], serde_json::json!([0, 1, 2]));
+    assert_eq!(a["k"], serde_json::json!([2, 1, 2]), "the least sensitive layer gives up an expert");
+    let (stdout, v) = bench(&["--ks", "2", "--allocation", alloc.to_str().unwrap()]);
+    assert!(stdout.contains("alloc-l (5)"), "{stdout}");
+    assert_eq!(v["rows"][1]["activations_per_token"].as_u64(), Some(5));
+}

@@ -38,7 +38,7 @@ pub struct Args {
     /// Uniform top-k budgets to compare, comma-separated (default: the native k and half of it).
     #[arg(long, value_delimiter = ',')]
     pub ks: Vec<usize>,
-    /// Also measure a per-layer allocation (LayerAllocation JSON, e.g. from `eval solve --json`).
+    /// Also measure a per-layer allocation (LayerAllocation JSON, e.g. from `eval solve --out`).
     #[arg(long)]
     pub allocation: Option<PathBuf>,
     /// Prefill batch size.

@@ -34,6 +34,10 @@ pub struct Args {
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Also write the allocation here (`alloc_core::LayerAllocation` JSON: the file `eval bench
+    /// --allocation` reads), atomically.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Run `eval solve`.
@@ -67,6 +71,14 @@ pub fn run(args: Args) -> Result<()> {
         }
         if !args.json {
             eprintln!("verified: dp and ilp objectives agree ({:.9})", other.predicted_delta);
+        }
+    }
+    if let Some(path) = &args.out {
+        let mut text = serde_json::to_string_pretty(&solution.allocation)?;
+        text.push('\n');
+        crate::results::write_atomic(path, text.as_bytes())?;
+        if !args.json {
+            eprintln!("wrote the allocation to {}", path.display());
         }
     }
     if args.json {
