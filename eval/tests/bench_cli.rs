@@ -32,7 +32,7 @@ fn bench(extra: &[&str]) -> (String, Value) {
 #[test]
 fn bench_reports_decode_weight_bytes_bandwidth_and_bound() {
     let (stdout, v) = bench(&["--ks", "2,1"]);
-    assert!(stdout.contains("GB/tok") && stdout.contains("TB/s") && stdout.contains("bound"), "{stdout}");
+    assert!(stdout.contains("GB/step") && stdout.contains("TB/s") && stdout.contains("bound"), "{stdout}");
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     let bytes: Vec<u64> = rows.iter().map(|r| r["decode_weight_bytes"].as_u64().unwrap()).collect();
@@ -48,8 +48,9 @@ fn bench_reports_decode_weight_bytes_bandwidth_and_bound() {
 }
 
 /// Several sequences decoding together: the table's time is per step, the JSON has it per step and per
-/// token (step / sequences), tokens per second count every sequence, and the batch-1 weight columns
-/// are absent.
+/// token (step / sequences), tokens per second count every sequence, and the weight bytes count each
+/// distinct chosen expert once: at least one sequence's worth, at most every sequence's, and within
+/// the experts there are.
 #[test]
 fn bench_reports_several_sequences_per_step_and_per_token() {
     let (stdout, v) = bench(&["--ks", "2", "--decode-batch", "3", "--alloc-t"]);
@@ -61,8 +62,13 @@ fn bench_reports_several_sequences_per_step_and_per_token() {
         let step = r["decode_ms_per_step"].as_f64().unwrap();
         assert!((r["decode_ms_per_token"].as_f64().unwrap() - step / 3.0).abs() <= 1e-12 * step, "{r}");
         assert!((r["decode_tokens_per_s"].as_f64().unwrap() - 3.0 * 1e3 / step).abs() <= 1e-9 * (3e3 / step), "{r}");
-        assert!(r["decode_weight_bytes"].is_null() && r["decode_weight_bound"].is_null(), "{r}");
+        // The fixture: 3 MoE layers of 8 experts, top-2; Alloc-T at K_l = 2 and 3 tokens is exactly top-2.
+        let distinct = r["decode_distinct_experts"].as_f64().unwrap();
+        assert!((2.0 * 3.0..=(3.0 * 2.0 * 3.0f64).min(8.0 * 3.0)).contains(&distinct), "{r}");
+        assert!(r["decode_weight_bytes"].as_u64().unwrap() > 0 && r["decode_weight_tb_per_s"].as_f64().unwrap() > 0.0, "{r}");
     }
+    assert_eq!(rows[0]["decode_weight_bound"].as_f64(), Some(1.0));
+    assert_eq!(rows[0]["decode_distinct_experts"], rows[1]["decode_distinct_experts"], "the same experts");
 }
 
 /// `eval solve --out` writes the allocation `eval bench --allocation` reads: the chain from a profile to a

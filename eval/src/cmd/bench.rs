@@ -7,10 +7,12 @@
 //! device. On CUDA the decode step is captured once in a CUDA graph and replayed per token
 //! ([`moe_models::GraphDecoder`]); `--graph off` decodes eagerly with a growing cache. Warm-up first;
 //! CUDA is synchronised before every clock read; medians of `repeats`. Prints a table (speed-ups against
-//! the first budget) and writes JSON with provenance when `--out` is given. For batch-1 decode the table
-//! also has the weight bytes a step reads at each budget ([`moe_models::DecodeWeights`]), the bandwidth
-//! the measured step time implies, and the bound on the speed-up those bytes set (their ratio to the
-//! first budget's): a measured speed-up short of the bound is time that does not shrink with the budget.
+//! the first budget) and writes JSON with provenance when `--out` is given. For decode the table also
+//! has the weight bytes a step reads at each budget ([`moe_models::DecodeWeights`]: every weight but the
+//! embedding table and the unchosen experts, each chosen expert once; with several sequences the
+//! distinct experts are counted from the routing of a few traced eager steps), the bandwidth the measured
+//! step time implies, and the bound on the speed-up those bytes set (their ratio to the first budget's):
+//! a measured speed-up short of the bound is time that does not shrink with the budget.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -94,7 +96,11 @@ struct Row {
     decode_ms_per_token: Option<f64>,
     /// Tokens per second over all the sequences.
     decode_tokens_per_s: Option<f64>,
-    /// Weight bytes a batch-1 decode step reads at this budget (`None` for larger decode batches).
+    /// Distinct chosen experts of a decode step, summed over the MoE layers (several sequences: the mean
+    /// over a few traced steps; one sequence: the activations per token).
+    decode_distinct_experts: Option<f64>,
+    /// Weight bytes a decode step reads at this budget: every weight but the embedding table and the
+    /// experts no sequence chose, each chosen expert once.
     decode_weight_bytes: Option<u64>,
     /// Those bytes over the measured step time, TB/s.
     decode_weight_tb_per_s: Option<f64>,
@@ -182,6 +188,32 @@ fn decode_eager(model: &Model, ctx: &ForwardCtx<'_>, prompt: &Tensor, steps: usi
     Ok(median(times))
 }
 
+/// Eager decode steps whose routing [`distinct_activations`] counts.
+const DISTINCT_STEPS: usize = 4;
+
+/// The distinct (layer, expert) pairs a decode step of `prompt`'s sequences chooses, summed over the MoE
+/// layers: the mean over [`DISTINCT_STEPS`] eager steps after the prompt, their routing recorded (a
+/// traced step routes through the policy's own selection). Each is an expert whose rows a step reads
+/// once for all the sequences that chose it (what the several-token kernels do); at one sequence it is
+/// the activations per token.
+fn distinct_activations(model: &Model, ctx: &ForwardCtx<'_>, prompt: &Tensor) -> Result<f64> {
+    let mut cache = KvCache::new();
+    let mut trace = moe_models::RoutingTrace::new();
+    let h = model.forward_hidden(prompt, &mut ctx.settings().with_cache(&mut cache))?;
+    let mut ids = model.lm_head(&h.f_narrow(1, h.size()[1] - 1, 1)?)?.f_argmax(-1, false)?;
+    let mut total = 0usize;
+    for _ in 0..DISTINCT_STEPS {
+        trace.layers.clear();
+        let h = model.forward_hidden(&ids, &mut ctx.settings().with_cache(&mut cache).with_trace(&mut trace))?;
+        ids = model.lm_head(&h)?.f_argmax(-1, false)?;
+        for route in &trace.layers {
+            let chosen = Vec::<i64>::try_from(route.ids.f_reshape([-1])?.f_to_device(tch::Device::Cpu)?)?;
+            total += chosen.iter().filter(|&&e| e >= 0).collect::<std::collections::BTreeSet<_>>().len();
+        }
+    }
+    Ok(total as f64 / DISTINCT_STEPS as f64)
+}
+
 /// One budget to measure: its label, its policy and its routed activations per token.
 type Budget = (String, Box<dyn DevicePolicy>, usize);
 
@@ -256,7 +288,7 @@ pub fn run(args: Args) -> Result<()> {
     let prompt = Tensor::f_randint(vocab, [args.decode_batch, args.context], (Kind::Int64, device))?;
     let budgets = budgets(&args, &model)?;
     let weights = model.decode_weights();
-    let first_activations = budgets.first().map(|b| b.2);
+    let mut first_bytes: Option<u64> = None;
     let mut rows = Vec::new();
     for (label, policy, activations) in &budgets {
         let (label, activations) = (label.clone(), *activations);
@@ -271,6 +303,15 @@ pub fn run(args: Args) -> Result<()> {
             (true, false) => Some(decode_eager(&model, &ctx, &prompt, args.decode_tokens, repeats)?),
         };
         eprintln!("bench: {label}: prefill {prefill_ms:?} ms, decode {decode_ms:?} ms/step");
+        // Distinct experts a step reads: the activations at one sequence, counted from the routing at
+        // several (where sequences share experts).
+        let distinct = match (do_decode, args.decode_batch) {
+            (false, _) => None,
+            (true, 1) => Some(activations as f64),
+            (true, _) => Some(distinct_activations(&model, &ctx, &prompt)?),
+        };
+        let bytes = distinct.map(|d| weights.at(d.round() as usize));
+        first_bytes = first_bytes.or(bytes);
         rows.push(Row {
             budget: label,
             activations_per_token: activations,
@@ -279,9 +320,10 @@ pub fn run(args: Args) -> Result<()> {
             decode_ms_per_step: decode_ms,
             decode_ms_per_token: decode_ms.map(|ms| ms / args.decode_batch as f64),
             decode_tokens_per_s: decode_ms.map(|ms| args.decode_batch as f64 * 1e3 / ms),
-            decode_weight_bytes: (args.decode_batch == 1).then(|| weights.at(activations)),
-            decode_weight_tb_per_s: decode_ms.filter(|_| args.decode_batch == 1).map(|ms| weights.at(activations) as f64 / (ms * 1e9)),
-            decode_weight_bound: first_activations.filter(|_| args.decode_batch == 1).map(|first| weights.bound(first, activations)),
+            decode_distinct_experts: distinct,
+            decode_weight_bytes: bytes,
+            decode_weight_tb_per_s: decode_ms.zip(bytes).map(|(ms, b)| b as f64 / (ms * 1e9)),
+            decode_weight_bound: first_bytes.zip(bytes).map(|(f, b)| f as f64 / b.max(1) as f64),
         });
     }
     if do_prefill || do_decode {
@@ -328,7 +370,7 @@ fn print_table(model_type: &str, rows: &[Row]) {
     println!("{model_type}");
     println!(
         "| {:<18} | {:>6} | {:>10} | {:>9} | {:>14} | {:>10} | {:>9} | {:>7} | {:>6} | {:>6} |",
-        "budget", "act/tok", "prefill ms", "speed-up", "decode ms/step", "decode t/s", "speed-up", "GB/tok", "TB/s", "bound"
+        "budget", "act/tok", "prefill ms", "speed-up", "decode ms/step", "decode t/s", "speed-up", "GB/step", "TB/s", "bound"
     );
     println!("|{:-<20}|{:->8}|{:->12}|{:->11}|{:->16}|{:->12}|{:->11}|{:->9}|{:->8}|{:->8}|", "", "", "", "", "", "", "", "", "", "");
     for r in rows {
