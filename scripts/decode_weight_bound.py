@@ -7,11 +7,15 @@
 # in moe-models/configs (bf16 weights; the KV cache, norms and activations left out, a few MB at short
 # contexts):
 #
-#   python3 scripts/decode_weight_bound.py [--bandwidth TB/s] [--bench DIR]
+#   python3 scripts/decode_weight_bound.py [--bandwidth TB/s] [--bench DIR] [--sequences B]
 #
-# bytes a token at full and half k, that ratio, the step time at --bandwidth (default 4.5 TB/s: what the
+# bytes a step at full and half k, that ratio, the step time at --bandwidth (default 4.5 TB/s: what the
 # LM head's projection kernel reaches on the H200, 419 MB in 93 us), and with --bench DIR (the
-# ours-<shape>.json files of scripts/h200_table.sh) the measured times and ratio next to them.
+# ours-<shape>.json files of scripts/h200_table.sh, ours-<shape>-decode<B>.json with --sequences) the
+# measured times and ratio next to them. With --sequences B the step decodes B sequences together and
+# reads each distinct chosen expert once; the expected distinct experts of a layer are taken for
+# independent, uniform routing, E (1 - (1 - k / E)^B): an estimate (a trained router is not uniform;
+# `eval bench` counts the real ones).
 import argparse
 import json
 import os
@@ -40,27 +44,31 @@ def weights(c):
         si = c.get("shared_expert_intermediate_size") or 0
         shared = 3 * h * si + (h if si else 0)  # Qwen2-MoE's shared expert and its gate
         dense_layers, dense = 0, 0
-    return attn, dense_layers, dense, shared + h * experts, 3 * h * ie, c["vocab_size"] * h
+    return attn, dense_layers, dense, shared + h * experts, 3 * h * ie, c["vocab_size"] * h, experts
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bandwidth", type=float, default=4.5, help="TB/s for the time column")
     ap.add_argument("--bench", help="directory with ours-<shape>.json (scripts/h200_table.sh)")
+    ap.add_argument("--sequences", type=int, default=1, help="sequences decoding together")
     a = ap.parse_args()
-    print("| shape | k | GB a token | bound | ms a token at %.1f TB/s | measured ms | measured ratio |" % a.bandwidth)
+    b = a.sequences
+    print("| shape | k | GB a step (%d sequence%s) | bound | ms a step at %.1f TB/s | measured ms | measured ratio |"
+          % (b, "" if b == 1 else "s", a.bandwidth))
     print("|---|---|---|---|---|---|---|")
     for name, k in SHAPES:
         c = json.load(open(os.path.join(ROOT, "moe-models", "configs", name + ".json")))
-        attn, dense_layers, dense, per_moe, expert, head = weights(c)
+        attn, dense_layers, dense, per_moe, expert, head, experts = weights(c)
         layers = c["num_hidden_layers"]
-        nbytes = lambda kk: 2 * (layers * attn + dense_layers * dense + (layers - dense_layers) * (per_moe + kk * expert) + head)
+        distinct = lambda kk: experts * (1 - (1 - kk / experts) ** b)  # kk at b = 1
+        nbytes = lambda kk: 2 * (layers * attn + dense_layers * dense + (layers - dense_layers) * (per_moe + distinct(kk) * expert) + head)
         full, half = nbytes(k), nbytes(k // 2)
-        ms = lambda b: b / (a.bandwidth * 1e12) * 1e3
+        ms = lambda n: n / (a.bandwidth * 1e12) * 1e3
         measured, ratio = "-", "-"
-        path = os.path.join(a.bench, "ours-%s.json" % name) if a.bench else None
+        path = os.path.join(a.bench, "ours-%s%s.json" % (name, "" if b == 1 else "-decode%d" % b)) if a.bench else None
         if path and os.path.exists(path):
-            rows = {r["budget"]: r["decode_ms_per_token"] for r in json.load(open(path))["rows"]}
+            rows = {r["budget"]: r.get("decode_ms_per_step", r["decode_ms_per_token"]) for r in json.load(open(path))["rows"]}
             f, hh = rows.get("top-%d" % k), rows.get("top-%d" % (k // 2))
             if f and hh:
                 measured, ratio = "%.3f / %.3f" % (f, hh), "%.2fx" % (f / hh)
