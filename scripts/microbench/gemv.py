@@ -3,7 +3,7 @@
 # Each kernel is launched through cuLaunchKernelEx (with programmatic stream serialisation when PDL), N
 # launches captured in a CUDA graph cycling over 8 weight copies (more than L2), alone or each after a
 # 92 MB read (PAIR: a proxy for the MoE kernels around a projection; subtract "read_rows 92 MB alone").
-# gemv_norm is gemv.cu's; gemv_variants.cu has a bare read of the rows and the variants measured in
+# gemv_norm is gemv.cu's (the several-token kernel since session 8, here at T = 1); gemv_variants.cu has a bare read of the rows and the variants measured in
 # session 5 (docs/speed-notes.md), from which gemv_warp was made. Launch and timing helpers: harness.py.
 import itertools
 import sys
@@ -45,7 +45,8 @@ for PDL, PAIR, R in itertools.product((False, True), (False, True), (3648, 2048)
     z = cp.uint64(0)
     def base(i, W=None):
         W = Ws[i % NC] if W is None else W
-        launch(k0, ((R + 3) // 4,), (128,), (x, cp.int32(1), cp.int32(H), nw, cp.float32(1e-6), W, z, out, cp.int32(R), z, z, z, cp.int32(0), z, z, z, cp.int32(0), res), smem=H * 2)
+        # gemv_norm's launch as gemv.rs makes it: 16-row tiles, 8 warps a block (GEMV_KSPLIT), at most 512 blocks.
+        launch(k0, (min((R + 15) // 16, 512),), (256,), (x, cp.int32(1), cp.int32(H), nw, cp.float32(1e-6), W, z, out, cp.int32(R), z, z, z, cp.int32(0), z, z, z, cp.int32(0), res), smem=H * 2)
     t = timeit(base); gb = R * H * 2 / 1e9
     print(f"R={R} ({gb*1000:.1f} MB): gemv_norm {t:.2f} us ({gb/t*1e6/1000:.2f} TB/s)")
     rr = mod.get_function("read_rows")

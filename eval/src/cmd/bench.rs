@@ -288,7 +288,7 @@ pub fn run(args: Args) -> Result<()> {
     let prompt = Tensor::f_randint(vocab, [args.decode_batch, args.context], (Kind::Int64, device))?;
     let budgets = budgets(&args, &model)?;
     let weights = model.decode_weights();
-    let mut first_bytes: Option<u64> = None;
+    let mut first_distinct: Option<usize> = None;
     let mut rows = Vec::new();
     for (label, policy, activations) in &budgets {
         let (label, activations) = (label.clone(), *activations);
@@ -310,8 +310,9 @@ pub fn run(args: Args) -> Result<()> {
             (true, 1) => Some(activations as f64),
             (true, _) => Some(distinct_activations(&model, &ctx, &prompt)?),
         };
-        let bytes = distinct.map(|d| weights.at(d.round() as usize));
-        first_bytes = first_bytes.or(bytes);
+        let distinct_at = distinct.map(|d| d.round() as usize);
+        first_distinct = first_distinct.or(distinct_at);
+        let bytes = distinct_at.map(|d| weights.at(d));
         rows.push(Row {
             budget: label,
             activations_per_token: activations,
@@ -323,7 +324,7 @@ pub fn run(args: Args) -> Result<()> {
             decode_distinct_experts: distinct,
             decode_weight_bytes: bytes,
             decode_weight_tb_per_s: decode_ms.zip(bytes).map(|(ms, b)| b as f64 / (ms * 1e9)),
-            decode_weight_bound: first_bytes.zip(bytes).map(|(f, b)| f as f64 / b.max(1) as f64),
+            decode_weight_bound: first_distinct.zip(distinct_at).map(|(f, d)| weights.bound(f, d)),
         });
     }
     if do_prefill || do_decode {

@@ -86,6 +86,16 @@ pub fn fused_moe_available(x: &Tensor, pairs: i64, gate_up: &Tensor) -> bool {
     fused_moe_applies(x, pairs, gate_up) && moe_kernels(x.device()).is_ok()
 }
 
+/// Whether [`Routing::Split`] takes `split` for `n` tokens over `e` experts: 2 to
+/// [`FUSED_MOE_MAX_TOKENS`] tokens, `floor <= cap`, a cap of 1 to 8 (and at most `e`), at most
+/// [`FUSED_MOE_MAX_EXPERTS`] experts.
+pub fn split_applies(n: i64, e: i64, split: &BatchSplit) -> bool {
+    (2..=FUSED_MOE_MAX_TOKENS).contains(&n)
+        && split.floor <= split.cap
+        && (1..=8.min(e)).contains(&(split.cap as i64))
+        && e <= FUSED_MOE_MAX_EXPERTS
+}
+
 /// How [`fused_moe`] gets each chosen expert's mixing weight when a policy chose the experts.
 #[derive(Debug, Clone, Copy)]
 pub enum MixWeights<'a> {
@@ -235,7 +245,7 @@ pub fn fused_moe(call: &MoeCall<'_>) -> Result<Tensor> {
         Routing::Split { router, split, .. } => {
             check("router", router, Kind::Float, &[e, h])?;
             let cap = split.cap as i64;
-            if !(2..=FUSED_MOE_MAX_TOKENS).contains(&n) || split.floor > split.cap || !(1..=8.min(e)).contains(&cap) || e > FUSED_MOE_MAX_EXPERTS {
+            if !split_applies(n, e, &split) {
                 return Err(bad(&format!(
                     "a split of {n} tokens' budget over {e} experts with floor {} and cap {} (2 to {FUSED_MOE_MAX_TOKENS} tokens, a cap of 1 to 8, at most {FUSED_MOE_MAX_EXPERTS} experts)",
                     split.floor, split.cap

@@ -37,7 +37,7 @@ use tch::Device;
 use crate::error::{Error, Result};
 
 pub use fused_moe::{
-    fused_moe, fused_moe_applies, fused_moe_available, MixWeights, MoeCall, Routing, SharedExpert, FUSED_MOE_MAX_EXPERTS,
+    fused_moe, fused_moe_applies, fused_moe_available, split_applies, MixWeights, MoeCall, Routing, SharedExpert, FUSED_MOE_MAX_EXPERTS,
     FUSED_MOE_MAX_PAIRS, FUSED_MOE_MAX_TOKENS,
 };
 pub use argmax::argmax;

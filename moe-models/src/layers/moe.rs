@@ -388,16 +388,12 @@ impl MoeBlock {
     }
 
     /// The policy's batch split ([`alloc_token::device::BatchSplit`], Alloc-T) of this step's tokens inside
-    /// the fused kernels, when it takes it: 2 to [`crate::kernels::FUSED_MOE_MAX_TOKENS`] tokens (the
-    /// sequences of a decode step), a cap of at most 8, and [`Self::may_route_in_kernel`].
+    /// the fused kernels, when it takes it: [`crate::kernels::split_applies`] (2 to 8 tokens: the sequences of
+    /// a decode step) and [`Self::may_route_in_kernel`].
     fn in_kernel_split(&self, layer: usize, xf: &Tensor, tokens: &TokenInfo, ctx: &ForwardCtx<'_>) -> Option<BatchSplit> {
         let n = xf.size()[0];
-        let e = self.experts.num_experts as usize;
         ctx.policy.batch_split(layer, n as usize).filter(|s| {
-            (2..=crate::kernels::FUSED_MOE_MAX_TOKENS).contains(&n)
-                && s.floor <= s.cap
-                && (1..=8.min(e)).contains(&s.cap)
-                && self.may_route_in_kernel(xf, s.cap as i64, tokens, ctx)
+            crate::kernels::split_applies(n, self.experts.num_experts, s) && self.may_route_in_kernel(xf, s.cap as i64, tokens, ctx)
         })
     }
 
